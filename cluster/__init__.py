@@ -1,0 +1,1 @@
+"""cluster: the Ray glue of resnet-dist (Data pipeline, Train loop, Tune sweep, Serve)."""

@@ -1,0 +1,159 @@
+"""Typed, frozen run configuration.
+
+Parsed once at an entry point; Ray passes it around as a plain dict
+(`to_dict`) and a worker turns it back into dataclasses on its first line
+(`RunConfig.from_dict`). Unknown keys are an error, so a typo in a sweep or a
+command line never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    flavor: str = "resnet20"          # a key of resnet_dist.models.FLAVORS
+    width: float = 1.0                # multiplier on every stage's channel count
+    block: str | None = None          # "basic" | "bottleneck"; None keeps the flavor's
+    stem: str | None = None           # "cifar" | "imagenet"; None keeps the flavor's
+    num_classes: int = 10
+    dropout: float = 0.0              # dropout probability before the linear head
+    zero_init_residual: bool = True   # zero each block's last BN gamma (identity at init)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "data/cifar10"    # output of jobs/prepare_data.py
+    train_subset: int = 0             # use only the first N train images (0 = all)
+    pad: int = 4                      # random-crop padding, pixels
+    pad_mode: str = "reflect"         # "reflect" | "zeros"
+    flip: bool = True                 # random horizontal flip
+    cutout: int = 0                   # cutout square side, pixels (0 = off)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"            # "sgd" (Nesterov momentum) | "adamw"
+    lr: float = 0.2                   # peak learning rate for `TrainConfig.batch_size`
+    momentum: float = 0.9             # SGD momentum / AdamW beta1
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    wd_skip_bn_bias: bool = True      # no weight decay on BN parameters and biases
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"        # "onecycle" | "cosine" | "step" | "constant"
+    warmup_epochs: float = 0.6        # linear warm-up length (onecycle/cosine), epochs
+    final_lr_fraction: float = 0.0    # lr at the end of onecycle/cosine, as a fraction of `lr`
+    step_milestones: tuple[int, ...] = (50, 75)  # epochs at which "step" multiplies lr by gamma
+    step_gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 256             # global batch (all workers together), images
+    grad_accum: int = 1               # micro-batches accumulated per optimizer step
+    seed: int = 0
+    amp: str = "auto"                 # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
+    channels_last: str = "auto"       # "auto" (on for CUDA) | "on" | "off"
+    compile: bool = False             # opt-in torch.compile of the model
+    early_stop_patience: int = 0      # stop after N epochs without val-acc gain (0 = off)
+    eval_flip_tta: bool = True        # average logits over the image and its mirror at eval
+    eval_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
+        return cls(
+            model=section_from_dict(ModelConfig, d.get("model", {})),
+            data=section_from_dict(DataConfig, d.get("data", {})),
+            optim=section_from_dict(OptimConfig, d.get("optim", {})),
+            train=section_from_dict(TrainConfig, d.get("train", {})),
+        ).validated()
+
+    def replace(self, **sections: Mapping[str, Any]) -> "RunConfig":
+        """Copy with some fields overridden, e.g. `cfg.replace(optim={"lr": 0.1})`."""
+        d = self.to_dict()
+        for name, values in sections.items():
+            if name not in d:
+                raise ConfigError(f"unknown config section: {name}")
+            d[name].update(values)
+        return RunConfig.from_dict(d)
+
+    def validated(self) -> "RunConfig":
+        m, o, t, da = self.model, self.optim, self.train, self.data
+        _check(m.width > 0, f"model.width must be > 0, got {m.width}")
+        _check(m.block in (None, "basic", "bottleneck"), f"model.block must be basic|bottleneck, got {m.block!r}")
+        _check(m.stem in (None, "cifar", "imagenet"), f"model.stem must be cifar|imagenet, got {m.stem!r}")
+        _check(m.num_classes >= 2, f"model.num_classes must be >= 2, got {m.num_classes}")
+        _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+        _check(da.pad_mode in ("reflect", "zeros"), f"data.pad_mode must be reflect|zeros, got {da.pad_mode!r}")
+        _check(da.pad >= 0 and da.cutout >= 0 and da.train_subset >= 0, "data.pad, data.cutout and data.train_subset must be >= 0")
+        _check(o.optimizer in ("sgd", "adamw"), f"optim.optimizer must be sgd|adamw, got {o.optimizer!r}")
+        _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+        _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+        _check(o.schedule in ("onecycle", "cosine", "step", "constant"),
+               f"optim.schedule must be onecycle|cosine|step|constant, got {o.schedule!r}")
+        _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+        _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+        _check(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+               f"train.batch_size {t.batch_size} must be a multiple of train.grad_accum {t.grad_accum}")
+        _check(t.amp in ("auto", "bf16", "fp16", "off"), f"train.amp must be auto|bf16|fp16|off, got {t.amp!r}")
+        _check(t.channels_last in ("auto", "on", "off"), f"train.channels_last must be auto|on|off, got {t.channels_last!r}")
+        return self
+
+
+def section_from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
+    """Build one config dataclass from a dict, rejecting unknown keys."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# Named presets for jobs/train.py: overrides applied on top of the defaults.
+TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The full recipe: ResNet-20, 4 epochs, all 45,000 train images (~10 min on 2 CPU cores).
+    "default": {},
+    # A first look in about a minute on 2 CPU cores: 1 epoch on 5,000 images.
+    "quick": {"data": {"train_subset": 5000}, "train": {"epochs": 1}},
+}

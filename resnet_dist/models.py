@@ -1,0 +1,208 @@
+"""One `ResNet` class, parameterised by block, blocks per stage and widths.
+
+Named flavors are one-line table entries. This file holds architecture only:
+no training, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from resnet_dist.config import ConfigError, ModelConfig
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (He et al. 2016); output channels = `width`."""
+
+    expansion = 1
+
+    def __init__(self, in_ch: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = _shortcut(in_ch, width, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand; output channels = 4 * `width`."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    # Projection (1x1 conv + BN) only where the shape changes ("option B").
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+
+class ResNet(nn.Module):
+    """A ResNet with `len(layers)` stages; stage i has `layers[i]` blocks of width `widths[i]`.
+
+    stem "cifar": 3x3 stride-1 conv for 32px inputs; "imagenet": 7x7 stride-2 conv
+    and a 3x3 max-pool for 224px inputs. Every stage after the first halves the
+    spatial size.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        layers: tuple[int, ...],
+        widths: tuple[int, ...],
+        stem_width: int,
+        stem: str = "cifar",
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        zero_init_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(widths):
+            raise ConfigError(f"layers {layers} and widths {widths} must have the same length")
+        block_cls = BLOCKS[block]
+        if stem == "cifar":
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True)
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, stem_width, 7, 2, 3, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        stages, in_ch = [], stem_width
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block_cls(in_ch, w, stride=2 if (i > 0 and j == 0) else 1))
+                in_ch = w * block_cls.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = in_ch
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(in_ch, num_classes)
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as zero, so every block starts as the identity.
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone: images (N, 3, H, W) -> pooled features (N, num_features)."""
+        x = self.stages(self.stem(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for `num_classes`."""
+        self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
+
+
+@dataclass(frozen=True)
+class Flavor:
+    block: str
+    layers: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int
+    stem: str = "cifar"
+
+
+def _cifar(n: int) -> Flavor:
+    """He et al. CIFAR ResNet of depth 6n+2: 3 stages at 16/32/64 channels."""
+    return Flavor("basic", (n, n, n), (16, 32, 64), 16)
+
+
+def _wrn(depth: int, k: int) -> Flavor:
+    """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis), post-activation blocks."""
+    n = (depth - 4) // 6
+    return Flavor("basic", (n, n, n), (16 * k, 32 * k, 64 * k), 16)
+
+
+FLAVORS: dict[str, Flavor] = {
+    "debug": Flavor("basic", (1, 1), (8, 16), 8),
+    "resnet20": _cifar(3),
+    "resnet32": _cifar(5),
+    "resnet44": _cifar(7),
+    "resnet56": _cifar(9),
+    "resnet110": _cifar(18),
+    "resnet18": Flavor("basic", (2, 2, 2, 2), (64, 128, 256, 512), 64),
+    "resnet34": Flavor("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    "resnet50": Flavor("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    "wrn16_4": _wrn(16, 4),
+    "wrn28_10": _wrn(28, 10),
+}
+
+
+def build_model(cfg: ModelConfig) -> ResNet:
+    """Build the network a `ModelConfig` describes (flavor plus overrides)."""
+    if cfg.flavor not in FLAVORS:
+        raise ConfigError(f"unknown model flavor {cfg.flavor!r}; choose from {', '.join(FLAVORS)}")
+    f = FLAVORS[cfg.flavor]
+
+    def scale(c: int) -> int:
+        return max(1, round(c * cfg.width))
+
+    return ResNet(
+        block=cfg.block or f.block,
+        layers=f.layers,
+        widths=tuple(scale(w) for w in f.widths),
+        stem_width=scale(f.stem_width),
+        stem=cfg.stem or f.stem,
+        num_classes=cfg.num_classes,
+        dropout=cfg.dropout,
+        zero_init_residual=cfg.zero_init_residual,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
