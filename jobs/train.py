@@ -1,0 +1,60 @@
+"""Train one ResNet config: in this process (`--local`) or as DDP on Ray Train.
+
+    python jobs/train.py --local --model resnet20 --epochs 4 --data data/cifar10
+    python jobs/train.py --workers 2 --model resnet20 --epochs 4 --data data/cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from resnet_dist.cli import add_config_args, config_from_args, die
+from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
+from resnet_dist.data import DataError, read_manifest
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default", help="base settings (default: %(default)s)")
+    p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = cores / workers)")
+    add_config_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args, RunConfig().replace(**TRAIN_PRESETS[args.preset]))
+        read_manifest(cfg.data.data_dir)   # fail fast on missing or corrupt data
+    except (ConfigError, DataError) as e:
+        die(str(e))
+    run_dir = args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.local:
+        run_local(cfg, run_dir, args.threads)
+    else:
+        from cluster.train import run_distributed
+
+        run_distributed(cfg, run_dir, args.workers, args.threads)
+
+
+def run_local(cfg: RunConfig, run_dir: str, threads: int) -> None:
+    import torch
+
+    from resnet_dist.console import RichHooks, console, print_eval_report
+    from resnet_dist.training import fit_local
+
+    if threads:
+        torch.set_num_threads(threads)
+    console.print(f"[bold]local training[/bold] {cfg.model.flavor} x{cfg.model.width}, {cfg.train.epochs} epochs, "
+                  f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
+    summary = fit_local(cfg, run_dir, RichHooks())
+    print_eval_report(summary["test"], "test (best val checkpoint)")
+    console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Terminal output with rich: per-epoch progress, the history table, evaluation reports."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from resnet_dist.training import TrainingHooks
+
+console = Console(log_path=False)
+
+
+def history_table(history: Sequence[dict[str, float]], title: str = "Training") -> Table:
+    t = Table(title=title)
+    for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "epoch s", "data wait"):
+        t.add_column(col, justify="right")
+    for r in history:
+        t.add_row(
+            str(int(r["epoch"])), f"{r['train_loss']:.4f}", f"{r['train_acc']:.2%}", f"{r['val_loss']:.4f}",
+            f"{r['val_acc']:.2%}", f"{r['lr']:.4g}", f"{r['images_per_s']:.0f}", f"{r['epoch_s']:.1f}",
+            f"{r['data_wait_frac']:.1%}",
+        )
+    return t
+
+
+def print_eval_report(report: dict[str, Any], title: str, out: Console = console) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix of a classification report."""
+    classes = report["classes"]
+    out.print(f"[bold]{title}[/bold]: accuracy [bold]{report['accuracy']:.2%}[/bold], macro F1 {report['macro_f1']:.4f}")
+    pc = Table(title=f"{title}: per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        pc.add_column(col, justify="right")
+    for name in classes:
+        r = report["per_class"][name]
+        pc.add_row(name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+    out.print(pc)
+    cm = Table(title=f"{title}: confusion matrix (rows = true, columns = predicted)")
+    cm.add_column("")
+    for name in classes:
+        cm.add_column(name[:5], justify="right")
+    for name, row in zip(classes, report["confusion_matrix"]):
+        cm.add_row(name, *(str(v) for v in row))
+    out.print(cm)
+
+
+class RichHooks(TrainingHooks):
+    """A progress bar per epoch and the history table after each epoch."""
+
+    def __init__(self, out: Console = console) -> None:
+        self.out = out
+        self.progress: Progress | None = None
+        self.task = None
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.out, transient=True,
+        )
+        self.task = self.progress.add_task("train", total=steps, rate="")
+        self.progress.start()
+
+    def step(self, step: int, images: int) -> None:
+        if self.progress is not None:
+            elapsed = self.progress.tasks[0].elapsed or 0.0
+            rate = f"{step * images / elapsed:.0f} img/s" if elapsed > 0 else ""
+            self.progress.update(self.task, completed=step, rate=rate)
+
+    def epoch_end(self, record: dict[str, float], history: list[dict[str, float]]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.out.print(history_table(history))

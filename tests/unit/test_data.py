@@ -1,0 +1,353 @@
+"""Readers, split, Parquet conversion and the prepare_data CLI, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from resnet_dist import data
+from resnet_dist.constants import EXIT_BAD_INPUT
+from resnet_dist.data import (
+    DataError, ImageArrays, decode_images, load_source, prepare_dataset, read_manifest, read_split,
+    split_files, stratified_split,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ("cat", "dog", "frog")
+
+
+def make_split(per_class: int, seed: int = 0) -> ImageArrays:
+    """Random 32x32 RGB images, class-major; pixel (0, 0) holds a unique id so rows can be matched."""
+    rng = np.random.default_rng(seed)
+    n = per_class * len(CLASSES)
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+    return ImageArrays(images, np.repeat(np.arange(len(CLASSES)), per_class).astype(np.int64), CLASSES)
+
+
+def make_source() -> dict[str, ImageArrays]:
+    return {"train": make_split(8, seed=0), "test": make_split(3, seed=1)}
+
+
+def write_folder(root: Path, splits: dict[str, ImageArrays], suffix: str = ".png") -> Path:
+    """ROOT/SPLIT/<class>/NNNN.png; names sort in array order."""
+    for split, arrays in splits.items():
+        for i, (image, label) in enumerate(zip(arrays.images, arrays.labels)):
+            path = root / split / arrays.classes[label] / f"{i:04d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+    return root
+
+
+def write_tar(folder: Path, dest: Path, top: str | None) -> Path:
+    """Archive the folder's splits, under one top-level directory `top` or at the root."""
+    mode = {".gz": "w:gz", ".xz": "w:xz", ".tar": "w"}[dest.suffix]
+    with tarfile.open(dest, mode) as tar:
+        for split_dir in sorted(folder.iterdir()):
+            tar.add(split_dir, arcname=f"{top}/{split_dir.name}" if top else split_dir.name)
+    return dest
+
+
+def write_cifar(root: Path, splits: dict[str, ImageArrays]) -> Path:
+    """A fake torchvision cifar-10-batches-py: rows are the R, G, B planes, bytes keys as in the real pickles."""
+    batch_dir = root / "cifar-10-batches-py"
+    batch_dir.mkdir(parents=True)
+
+    def dump(name: str, arrays: ImageArrays, rows: slice) -> None:
+        planes = arrays.images[rows].transpose(0, 3, 1, 2).reshape(-1, 3072)
+        with (batch_dir / name).open("wb") as f:
+            pickle.dump({b"data": planes, b"labels": arrays.labels[rows].tolist()}, f)
+
+    train = splits["train"]
+    for i, rows in enumerate(np.array_split(np.arange(len(train.labels)), 5), start=1):
+        dump(f"data_batch_{i}", train, slice(rows[0], rows[-1] + 1))
+    dump("test_batch", splits["test"], slice(None))
+    with (batch_dir / "batches.meta").open("wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES]}, f)
+    return batch_dir
+
+
+def assert_same(a: ImageArrays, b: ImageArrays) -> None:
+    assert a.classes == b.classes
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def by_id(arrays: ImageArrays) -> ImageArrays:
+    """Rows sorted by the id make_split wrote into pixel (0, 0)."""
+    ids = arrays.images[:, 0, 0, 0].astype(int) + 256 * arrays.images[:, 0, 0, 1].astype(int)
+    order = np.argsort(ids)
+    return ImageArrays(arrays.images[order], arrays.labels[order], arrays.classes)
+
+
+def mtimes(directory: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in directory.rglob("*")}
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_all_source_kinds_read_the_same_arrays(tmp_path: Path) -> None:
+    source = make_source()
+    folder = write_folder(tmp_path / "folder", source)
+    batches = write_cifar(tmp_path / "torchvision", source)
+    paths = [
+        folder,
+        write_tar(folder, tmp_path / "a.tar.gz", top="mydata"),
+        write_tar(folder, tmp_path / "b.tar.xz", top=None),
+        write_tar(folder, tmp_path / "c.tar", top="x"),
+        batches,
+        batches.parent,
+    ]
+    for path in paths:
+        loaded = load_source(path)
+        assert set(loaded) == {"train", "test"}, path
+        for split in ("train", "test"):
+            assert_same(loaded[split], source[split])
+            assert loaded[split].images.dtype == np.uint8 and loaded[split].labels.dtype == np.int64
+
+
+def test_jpeg_folder_without_test_split(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "jpeg", {"train": make_split(4)}, suffix=".jpg")
+    loaded = load_source(folder)
+    assert list(loaded) == ["train"]
+    assert loaded["train"].images.shape == (12, 32, 32, 3)
+    assert loaded["train"].labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_resize_converts_mode_and_size(tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    for i, name in enumerate(CLASSES):
+        (folder / "train" / name).mkdir(parents=True)
+        Image.new("L", (40, 48), color=50 * i).save(folder / "train" / name / "a.png")
+    loaded = load_source(folder, resize=16)["train"]
+    assert loaded.images.shape == (3, 16, 16, 3)
+    assert loaded.images[2].min() == loaded.images[2].max() == 100   # grey 100 -> RGB (100, 100, 100)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_stratified_split_is_balanced_exact_and_seeded() -> None:
+    labels = np.repeat([0, 1, 2], [50, 30, 20]).astype(np.int64)
+    arrays = ImageArrays(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), labels, CLASSES)
+    train, val = stratified_split(arrays, 10, seed=3)
+    assert np.bincount(val.labels).tolist() == [5, 3, 2]
+    assert np.bincount(train.labels).tolist() == [45, 27, 18]
+    assert sorted(np.concatenate([train.images, val.images]).ravel().tolist()) == list(range(100))
+    np.testing.assert_array_equal(stratified_split(arrays, 10, seed=3)[1].images, val.images)
+    assert not np.array_equal(stratified_split(arrays, 10, seed=4)[1].images, val.images)
+    # Largest-remainder rounding still yields exactly val_size.
+    assert len(stratified_split(arrays, 7, seed=0)[1].labels) == 7
+    with pytest.raises(DataError, match="val_size"):
+        stratified_split(arrays, 100, seed=0)
+
+
+# --------------------------------------------------------------------------- prepare / read back
+
+
+def test_prepare_round_trip(tmp_path: Path) -> None:
+    source = make_source()
+    folder = write_folder(tmp_path / "src", source)
+    out = tmp_path / "out"
+    manifest = prepare_dataset(folder, out, val_size=6, seed=1, rows_per_shard=5)
+
+    assert manifest == read_manifest(out)
+    assert manifest["classes"] == list(CLASSES)
+    assert manifest["image_shape"] == [32, 32, 3]
+    assert manifest["counts"] == {"train": 18, "val": 6, "test": 9}
+    assert manifest["class_counts"]["val"] == {"cat": 2, "dog": 2, "frog": 2}
+    assert manifest["options"] == {"val_size": 6, "seed": 1, "resize": None, "rows_per_shard": 5}
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
+
+    train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
+    assert_same(test, source["test"])
+    assert_same(by_id(ImageArrays(np.concatenate([train.images, val.images]),
+                                  np.concatenate([train.labels, val.labels]), train.classes)), source["train"])
+    assert not np.array_equal(train.labels, np.sort(train.labels))   # train rows were shuffled
+
+    pixels = train.images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(manifest["mean"], pixels.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(manifest["std"], pixels.std(axis=0), atol=1e-5)
+
+    files = split_files(out, "train")
+    assert files == sorted(files) and [Path(f).name for f in files] == [f"part-0000{i}.parquet" for i in range(4)]
+    table = pq.read_table(files[0])
+    assert table.schema.field("image").type == "binary" and table.schema.field("label").type == "int64"
+    batch = decode_images(table.column("image").to_numpy(zero_copy_only=False), manifest["image_shape"])
+    np.testing.assert_array_equal(batch, train.images[:5])
+    assert batch.flags.writeable
+
+
+def test_decode_images_rejects_wrong_sizes() -> None:
+    values = np.array([b"\x00" * 12, b"\x01" * 12], dtype=object)
+    assert decode_images(values, (2, 2, 3)).shape == (2, 2, 2, 3)
+    with pytest.raises(DataError, match="bytes"):
+        decode_images(values, (32, 32, 3))
+
+
+def test_rerun_is_a_noop_and_other_options_need_force(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    out = tmp_path / "out"
+    first = prepare_dataset(folder, out, val_size=6)
+    before = mtimes(out)
+    assert prepare_dataset(folder, out, val_size=6) == first
+    assert mtimes(out) == before
+
+    with pytest.raises(DataError, match="--force"):
+        prepare_dataset(folder, out, val_size=3)
+    assert mtimes(out) == before
+    replaced = prepare_dataset(folder, out, val_size=3, force=True)
+    assert replaced["counts"]["val"] == 3 and read_manifest(out) == replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]   # no tmp/old siblings left
+
+
+def test_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:
+    source = make_source()
+    folder = write_folder(tmp_path / "src", source)
+    a = prepare_dataset(folder, tmp_path / "a", val_size=6)
+    b = prepare_dataset(write_tar(folder, tmp_path / "src.tar.gz", top="t"), tmp_path / "b", val_size=6)
+    assert a["fingerprint"] == b["fingerprint"]
+    assert a["source"]["signature"] != b["source"]["signature"]
+
+    image = source["test"].images[0].copy()
+    image[5, 5] ^= 1
+    Image.fromarray(image).save(folder / "test" / "cat" / "0000.png")
+    assert prepare_dataset(folder, tmp_path / "c", val_size=6)["fingerprint"] != a["fingerprint"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def truncated_archive(tmp_path: Path, suffix: str) -> Path:
+    archive = write_tar(write_folder(tmp_path / "src", make_source()), tmp_path / f"src.tar{suffix}", top=None)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return archive
+
+
+def corrupt_image(tmp_path: Path) -> Path:
+    folder = write_folder(tmp_path / "src", make_source())
+    (folder / "train" / "dog" / "0009.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+def wrong_size(tmp_path: Path) -> Path:
+    folder = write_folder(tmp_path / "src", make_source())
+    Image.new("RGB", (40, 40)).save(folder / "test" / "frog" / "0007.png")
+    return folder
+
+
+def empty_class(tmp_path: Path) -> Path:
+    folder = write_folder(tmp_path / "src", make_source())
+    (folder / "train" / "zebra").mkdir()
+    return folder
+
+
+def label_out_of_range(tmp_path: Path) -> Path:
+    batches = write_cifar(tmp_path / "src", make_source())
+    batch = pickle.loads((batches / "data_batch_3").read_bytes())
+    batch[b"labels"][0] = 3
+    (batches / "data_batch_3").write_bytes(pickle.dumps(batch))
+    return batches
+
+
+def no_classes(tmp_path: Path) -> Path:
+    (tmp_path / "src" / "train").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "stray.png").write_bytes(b"")
+    return tmp_path / "src"
+
+
+def class_mismatch(tmp_path: Path) -> Path:
+    folder = write_folder(tmp_path / "src", make_source())
+    (folder / "test" / "frog").rename(folder / "test" / "bird")
+    return folder
+
+
+BAD_INPUTS = {
+    "missing path": (lambda tmp: tmp / "nowhere", "nowhere: no such file"),
+    "truncated tar.xz": (lambda tmp: truncated_archive(tmp, ".xz"), "truncated or corrupt archive"),
+    "truncated tar.gz": (lambda tmp: truncated_archive(tmp, ".gz"), "truncated or corrupt archive"),
+    "corrupt image": (corrupt_image, "dog/0009.png: corrupt or unreadable image"),
+    "wrong size": (wrong_size, "frog/0007.png: image is 40x40 RGB, expected 32x32 RGB; pass --resize 32"),
+    "empty class dir": (empty_class, "zebra: empty class directory"),
+    "label out of range": (label_out_of_range, "data_batch_3: label 3 out of range 0..2"),
+    "no classes": (no_classes, "no class directories found"),
+    "class mismatch": (class_mismatch, r"different class sets \(only in train: \['frog'\]; only in test: \['bird'\]\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
+    make, message = BAD_INPUTS[case]
+    source = make(tmp_path)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    with pytest.raises(DataError, match=message) as info:
+        prepare_dataset(source, outputs / "prepared", val_size=6)
+    assert "\n" not in str(info.value)
+    assert list(outputs.iterdir()) == []
+
+
+def test_wrong_size_works_with_resize(tmp_path: Path) -> None:
+    manifest = prepare_dataset(wrong_size(tmp_path), tmp_path / "out", val_size=6, resize=32)
+    assert manifest["counts"]["test"] == 9 and manifest["options"]["resize"] == 32
+
+
+def test_failure_while_writing_keeps_existing_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    out = tmp_path / "out"
+    prepare_dataset(folder, out, val_size=6)
+    before = mtimes(out)
+
+    def fail(arrays: ImageArrays, split_dir: Path, rows_per_shard: int) -> None:
+        if split_dir.name == "val":
+            raise OSError("disk full")
+        split_dir.mkdir()
+
+    monkeypatch.setattr(data, "_write_shards", fail)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(folder, out, val_size=3, force=True)
+    assert mtimes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_read_manifest_missing_or_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt manifest"):
+        read_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "jobs/prepare_data.py", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = run_cli(tmp_path / "nowhere", tmp_path / "out")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "no such file" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_converts_a_folder(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    result = run_cli(folder, tmp_path / "out", "--val-size", "6", "--rows-per-shard", "10")
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["fingerprint"] in result.stdout
+    assert len(split_files(tmp_path / "out", "train")) == 2
