@@ -103,7 +103,10 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
     def validated(self) -> "RunConfig":
+        from resnet_dist.models import FLAVORS   # here, not at the top: models imports this module
+
         m, o, t, da = self.model, self.optim, self.train, self.data
+        _check(m.flavor in FLAVORS, f"unknown model flavor {m.flavor!r}; choose from {', '.join(FLAVORS)}")
         _check(m.width > 0, f"model.width must be > 0, got {m.width}")
         _check(m.block in (None, "basic", "bottleneck"), f"model.block must be basic|bottleneck, got {m.block!r}")
         _check(m.stem in (None, "cifar", "imagenet"), f"model.stem must be cifar|imagenet, got {m.stem!r}")
