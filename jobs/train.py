@@ -20,7 +20,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default", help="base settings (default: %(default)s)")
     p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = cores / workers)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = its CPU share)")
+    p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per Ray Train worker (default: a share that leaves one CPU for Ray Data)")
+    p.add_argument("--data-path", choices=["auto", "pipeline", "device"], default="auto",
+                   help="Ray Data augments each epoch (pipeline) or workers augment on their device (default: device on GPU)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default: %(default)s)")
     add_config_args(p)
     return p.parse_args(argv)
 
@@ -38,7 +42,11 @@ def main(argv=None) -> None:
     else:
         from cluster.train import run_distributed
 
-        run_distributed(cfg, run_dir, args.workers, args.threads)
+        try:
+            run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker, args.max_failures,
+                            args.data_path)
+        except ConfigError as e:
+            die(str(e))
 
 
 def run_local(cfg: RunConfig, run_dir: str, threads: int) -> None:

@@ -39,6 +39,8 @@ class ArrayLoader:
 
     @classmethod
     def from_numpy(cls, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu", **kw) -> "ArrayLoader":
+        # np.require copies only read-only arrays (torch warns about those).
+        images, labels = np.require(images, requirements="W"), np.require(labels, requirements="W")
         return cls(torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device), **kw)
 
     def __len__(self) -> int:

@@ -13,7 +13,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, unwrap
+from resnet_dist.checkpoint import (
+    build_checkpoint, load_checkpoint, model_from_checkpoint, restore_rng_state, save_checkpoint, unwrap,
+)
 from resnet_dist.config import ModelConfig, RunConfig
 from resnet_dist.data import read_manifest, read_split
 from resnet_dist.engine import (
@@ -187,17 +189,35 @@ def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, hooks: TrainingHooks |
     best = load_checkpoint(run_dir / BEST_CHECKPOINT)
     unwrap(state.model).load_state_dict(best["model_state"])
     test_result = evaluate(state.model, test_loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
+    return write_summary(run_dir, cfg, history, best, test_result)
+
+
+def write_summary(run_dir: str | os.PathLike, cfg: RunConfig, history: list[dict[str, float]],
+                  best: dict[str, Any], test: EvalResult) -> dict[str, Any]:
+    """`metrics.json` of a run: config, per-epoch history, best epoch and the test report."""
     summary = {
         "config": cfg.to_dict(),
         "history": history,
         "best_epoch": best["epoch"],
-        "best_val_acc": best_acc,
-        "test": classification_report(test_result.confusion, classes),
-        "data_fingerprint": manifest["fingerprint"],
+        "best_val_acc": best["metrics"]["val_acc"],
+        "test": classification_report(test.confusion, best["classes"]),
+        "data_fingerprint": best["data_fingerprint"],
         "mean_images_per_s": _mean([r["images_per_s"] for r in history]),
     }
-    write_json(run_dir / "metrics.json", summary)
+    write_json(Path(run_dir) / "metrics.json", summary)
     return summary
+
+
+def evaluate_checkpoint(ckpt: dict[str, Any], data_dir: str | os.PathLike, split: str,
+                        device: torch.device | None = None, batch_size: int = 1000, flip_tta: bool = True) -> EvalResult:
+    """Single-process evaluation of a checkpoint on one split of a prepared data set."""
+    device = device or select_device()
+    model = model_from_checkpoint(ckpt, device)
+    arrays = read_split(data_dir, split)
+    loader = ArrayLoader.from_numpy(arrays.images, arrays.labels, batch_size=batch_size,
+                                    mean=ckpt["mean"], std=ckpt["std"], device=device)
+    train_cfg = RunConfig.from_dict(ckpt["run_config"]).train
+    return evaluate(model, loader, len(ckpt["classes"]), device, select_precision(train_cfg, device), flip_tta)
 
 
 def _mean(xs: list[float]) -> float:

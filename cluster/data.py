@@ -1,0 +1,93 @@
+"""Ray Data pipeline: Parquet shards -> decoded, augmented, normalised batches.
+
+Ray Train splits every dataset passed as `datasets=` across its workers
+(`streaming_split(equal=True)`), and each epoch re-executes the pipeline, so
+the file order and the augmentation are fresh every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import ray.data
+import torch
+
+from resnet_dist.augment import augment, normalize
+from resnet_dist.config import DataConfig
+from resnet_dist.data import decode_images, split_files
+
+
+def read_split(data_dir: str, split: str, limit: int = 0) -> ray.data.Dataset:
+    """A split's Parquet shards as a Ray Dataset of raw rows (image bytes, label).
+
+    The train split is read in a new random file order each epoch ("files"
+    shuffle); rows were already shuffled once at conversion, and a local shuffle
+    buffer in the iterator mixes across shard boundaries. This costs nothing
+    next to a full `random_shuffle` (see docs/benchmarks.md).
+    """
+    ds = ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label"],
+                               shuffle="files" if split == "train" else None)
+    return ds.limit(limit) if limit else ds
+
+
+class _Transform:
+    """map_batches callable: raw rows -> float32 NCHW `x` and int64 `y`
+    (`raw=True`: uint8 NHWC `x`, for workers that augment on their device)."""
+
+    def __init__(self, image_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 data: DataConfig | None, raw: bool = False) -> None:
+        self.image_shape, self.mean, self.std, self.data = tuple(image_shape), tuple(mean), tuple(std), data
+        self.raw = raw
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = decode_images(batch["image"], self.image_shape)
+        if self.raw:
+            x = images
+        elif self.data is None:
+            x = normalize(images, self.mean, self.std)
+        else:
+            d = self.data
+            # A fresh OS-seeded generator per batch: this object is pickled into every
+            # task, so a generator stored on it would repeat the same draws in each.
+            x = augment(images, np.random.default_rng(), d.pad, d.pad_mode, d.flip, d.cutout, self.mean, self.std)
+        return {"x": x, "y": batch["label"].astype(np.int64)}
+
+
+def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
+                   splits: Sequence[str] = ("train", "val"), raw_train: bool = False) -> dict[str, ray.data.Dataset]:
+    """The datasets for a TorchTrainer: train augmented (or raw uint8 with
+    `raw_train`, for the device-side path), the others normalised only."""
+    out = {}
+    for split in splits:
+        train = split == "train"
+        ds = read_split(data_dir, split, data.train_subset if train else 0)
+        fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None,
+                        raw=train and raw_train)
+        # A plain function keeps the work in short tasks; batch 500 images = 1.5 MB raw, 6 MB out.
+        out[split] = ds.map_batches(fn, batch_format="numpy", batch_size=500)
+    return out
+
+
+def torch_batches(shard: Any, batch_size: int, train: bool, device: torch.device | str = "cpu",
+                  shuffle_buffer: int = 2000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) tensors from a worker's dataset shard (a ray.data.DataIterator).
+
+    Training drops the partial last batch so every rank runs the same number of
+    steps (DDP needs it) and mixes rows across blocks in a local shuffle buffer.
+    """
+    for b in shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=train, device=device, prefetch_batches=2,
+        local_shuffle_buffer_size=shuffle_buffer if train else None,
+    ):
+        yield b["x"], b["y"]
+
+
+def materialize(shard: Any, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's whole (raw uint8) shard as two tensors on `device`: read once, then
+    augmented on the device every epoch (resnet_dist.loader.ArrayLoader)."""
+    xs, ys = [], []
+    for b in shard.iter_torch_batches(batch_size=5000, device=device):
+        xs.append(b["x"])
+        ys.append(b["y"])
+    return torch.cat(xs), torch.cat(ys)

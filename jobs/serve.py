@@ -1,0 +1,76 @@
+"""Serve a checkpoint over HTTP with Ray Serve (API: docs/serving.md).
+
+    python jobs/serve.py runs/train-X                 # a run dir (best.pt), a checkpoint file or a sweep dir
+    python jobs/serve.py sweeps/s1 --replicas 2 --max-batch-size 32 --batch-wait-ms 5
+
+With RAY_ADDRESS set (a `ray job submit` job, or a `ray start` cluster named
+explicitly) the app is deployed there and this script exits; the app keeps
+running until `serve shutdown`. Without RAY_ADDRESS the script starts (or
+joins) a local Ray and blocks until Ctrl-C, then shuts Serve down -- a Ray
+started here dies with this process anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from resnet_dist.checkpoint import CheckpointError, load_checkpoint
+from resnet_dist.cli import die
+from resnet_dist.config import ConfigError
+from resnet_dist.inference import resolve_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory")
+    p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
+    p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0 = fixed)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per model call; 1 = no batching (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill, ms (default: %(default)s)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        load_checkpoint(resolve_checkpoint(args.checkpoint))   # fail fast, before Ray starts
+        from cluster.serve import ServeConfig, deploy
+
+        cfg = ServeConfig(
+            checkpoint=args.checkpoint, replicas=args.replicas, max_replicas=args.max_replicas,
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads, host=args.host, port=args.port,
+        ).validated()
+    except (CheckpointError, ConfigError) as e:
+        die(str(e))
+    from ray import serve
+
+    from cluster.runtime import connect
+
+    connect()
+    try:
+        url = deploy(cfg)
+    except RuntimeError as e:   # Serve could not start the replicas (see the Ray logs)
+        die(f"deployment failed: {e}", code=1)
+    print(f"serving {args.checkpoint} at {url}  (API docs: {url}/docs)")
+    print(f"  curl -s -H 'Content-Type: image/png' --data-binary @image.png {url}/v1/predict")
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"deployed on {os.environ['RAY_ADDRESS']}; stop it with `serve shutdown` there")
+        return
+    print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""One real local Ray cluster for the whole integration session.
+
+It is started the way a user starts one, `ray start --head` with token
+authentication, and this test process joins it as a driver (RAY_ADDRESS), so
+the same cluster also takes `ray job submit` in the submission test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    address: str          # GCS address for ray.init / RAY_ADDRESS
+    dashboard_url: str    # job submission endpoint
+    metrics_port: int     # Prometheus endpoint of the head node
+    env: dict             # environment for CLI clients (token auth)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"}
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    start = subprocess.run(
+        [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    if start.returncode != 0:
+        pytest.fail(f"ray start failed: {start.stderr[-2000:]}")
+    ip = _node_ip(start.stdout) or "127.0.0.1"
+    cluster = LocalCluster(f"{ip}:{gcs}", f"http://127.0.0.1:{dashboard}", metrics, env)
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TRAIN_V2_ENABLED")}
+    os.environ.update({"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"})
+    try:
+        yield cluster
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _node_ip(stdout: str) -> str | None:
+    for line in stdout.splitlines():
+        if "Local node IP:" in line:
+            return line.split("Local node IP:")[1].strip()
+    return None
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster: LocalCluster):
+    """This process connected to the shared cluster as a Ray driver."""
+    from cluster.runtime import connect
+
+    connect()
+    return ray_cluster

@@ -1,0 +1,188 @@
+"""The Serve application on the shared Ray cluster: served predictions equal offline ones, bad input
+gets its documented 4xx without hurting the server, batching is reconfigured live, metrics are exported."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet_dist.augment import normalize
+from resnet_dist.checkpoint import load_model
+from resnet_dist.config import RunConfig
+from resnet_dist.data import read_split
+from resnet_dist.engine import Precision, predict_logits
+from resnet_dist.inference import checkpoint_id, resolve_checkpoint
+from resnet_dist.training import fit_local
+from tests.integration.conftest import free_port
+from tests.unit.test_serve_inputs import png_header_only
+
+pytestmark = pytest.mark.integration
+
+N_IMAGES = 200
+MB = 1024 * 1024
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_dir(real_cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model trained for one epoch on 2,000 real images (about 30 s on 2 cores)."""
+    cfg = RunConfig().replace(model={"flavor": "debug"},
+                              data={"data_dir": str(real_cifar_dir), "train_subset": 2000},
+                              train={"epochs": 1, "batch_size": 250})
+    out = tmp_path_factory.mktemp("serve_run")
+    fit_local(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(real_cifar_dir: Path) -> np.ndarray:
+    return read_split(real_cifar_dir, "test").images[:N_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def offline_top1(run_dir: Path, test_images: np.ndarray) -> list[int]:
+    """Single-process prediction with the serving preprocessing: checkpoint mean/std, fp32, no flip TTA."""
+    model, ckpt = load_model(resolve_checkpoint(run_dir))
+    x = normalize(torch.from_numpy(test_images), ckpt["mean"], ckpt["std"])
+    return predict_logits(model, x, Precision(None, False), flip_tta=False).argmax(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def served(ray_driver, run_dir: Path):
+    from ray import serve
+
+    from cluster.serve import ServeConfig, deploy
+
+    cfg = ServeConfig(checkpoint=str(run_dir), name="serve-test", num_cpus=1, threads=1,
+                      max_batch_size=8, batch_wait_timeout_s=0.05, port=free_port())
+    url = deploy(cfg)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield cfg, client
+    serve.shutdown()   # give the CPU back to the other tests
+
+
+def predict(client: httpx.Client, data: bytes) -> httpx.Response:
+    return client.post("/v1/predict", content=data, headers={"Content-Type": "image/png"})
+
+
+def test_served_predictions_equal_offline(served, run_dir, test_images, offline_top1) -> None:
+    _, client = served
+    with ThreadPoolExecutor(16) as pool:   # concurrent, so requests share batches
+        responses = list(pool.map(lambda im: predict(client, png(im)), test_images))
+    assert [r.status_code for r in responses] == [200] * N_IMAGES
+    bodies = [r.json() for r in responses]
+    assert [b["predictions"][0]["index"] for b in bodies] == offline_top1
+    assert max(b["batch_size"] for b in bodies) > 1
+    file = resolve_checkpoint(run_dir)
+    assert bodies[0]["model_version"].startswith(checkpoint_id(file) + "+")
+    assert len(bodies[0]["predictions"]) == 5
+
+    # The same images through multipart/form-data and the JSON batch route.
+    r = client.post("/v1/predict?top_k=2", files={"file": ("a.png", png(test_images[0]), "image/png")})
+    assert r.status_code == 200 and [p["index"] for p in r.json()["predictions"]][:1] == offline_top1[:1]
+    assert len(r.json()["predictions"]) == 2
+    batch = {"images": [base64.b64encode(png(im)).decode() for im in test_images[:10]]}
+    r = client.post("/v1/predict/batch", json=batch)
+    assert r.status_code == 200
+    assert [p[0]["index"] for p in r.json()["predictions"]] == offline_top1[:10]
+
+
+def bad_requests(max_body: int) -> list[tuple[str, dict, int, str]]:
+    """(path, httpx request arguments, expected status, fragment of the error)."""
+    img = {"Content-Type": "application/octet-stream"}
+    return [
+        ("/v1/predict", {"content": b"definitely not an image", "headers": img}, 400, "not a PNG or JPEG"),
+        ("/v1/predict", {"content": b"", "headers": img}, 400, "empty body"),
+        ("/v1/predict", {"content": b"\x89PNG" + b"\0" * max_body, "headers": img}, 413, "exceeds the limit"),
+        # A generator body goes out chunked, without Content-Length: the size is counted while reading.
+        ("/v1/predict", {"content": iter([b"\0" * MB] * (max_body // MB + 1)), "headers": img}, 413, "exceeds the limit"),
+        ("/v1/predict", {"content": b"x", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported content type"),
+        ("/v1/predict", {"content": png_header_only(20000, 20000), "headers": img}, 400, "image too large"),
+        ("/v1/predict", {"content": png_header_only(5000, 5000), "headers": img}, 400, "5000x5000"),
+        ("/v1/predict", {"files": {"other": ("a.png", b"x")}}, 400, "no field 'file'"),
+        ("/v1/predict?top_k=0", {"content": b"x", "headers": img}, 422, "top_k"),
+        ("/v1/predict/batch", {"content": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+        ("/v1/predict/batch", {"json": {"images": ["%%%"]}}, 400, "malformed base64"),
+        ("/v1/predict/batch", {"json": {"images": ["AAAA"] * 65}}, 413, "too many images"),
+        ("/v1/predict/batch", {"json": {"images": [base64.b64encode(b"junk").decode()]}}, 400, "images[0]: not a PNG"),
+        ("/v1/predict/batch", {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415, "content type"),
+        ("/v1/nope", {}, 404, "Not Found"),
+    ]
+
+
+def test_bad_input_is_refused_and_server_keeps_answering(served, test_images, offline_top1) -> None:
+    cfg, client = served
+    for i, (path, kwargs, status, fragment) in enumerate(bad_requests(cfg.max_body_bytes)):
+        r = client.post(path, **kwargs)
+        assert r.status_code == status, (path, r.text)
+        body = r.json()
+        assert list(body) == ["error"] and fragment in body["error"], (path, body)
+        assert "\n" not in r.text
+        good = predict(client, png(test_images[i]))
+        assert good.status_code == 200 and good.json()["predictions"][0]["index"] == offline_top1[i]
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_model_health_and_docs(served, run_dir) -> None:
+    cfg, client = served
+    model = client.get("/v1/model").json()
+    assert model["flavor"] == "debug" and len(model["classes"]) == 10
+    assert model["test_accuracy"] is None   # training checkpoints record validation metrics only
+    assert model["checkpoint_id"] == checkpoint_id(resolve_checkpoint(run_dir))
+    assert model["data_fingerprint"].startswith("sha256:") and model["code_version"]
+    assert model["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_loaded"] is True
+    assert client.get("/docs").status_code == 200
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_reconfigure_changes_batch_size_live(served, test_images) -> None:
+    from cluster.serve import deploy
+
+    cfg, client = served
+    replica = client.get("/healthz").json()["replica"]
+    try:
+        deploy(dataclasses.replace(cfg, max_batch_size=2, batch_wait_timeout_s=0.2))
+        assert client.get("/v1/model").json()["batching"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.2}
+        with ThreadPoolExecutor(8) as pool:
+            sizes = [r.json()["batch_size"] for r in pool.map(lambda im: predict(client, png(im)), test_images[:16])]
+        assert max(sizes) == 2
+        assert client.get("/healthz").json()["replica"] == replica   # reconfigured, not restarted
+    finally:
+        deploy(cfg)
+
+
+def test_metrics_reach_prometheus(served, ray_cluster) -> None:
+    from cluster.serve import BATCH_SIZE_METRIC, MODEL_INFO_METRIC, PROMETHEUS_NAMES, REQUESTS_METRIC
+
+    _, client = served
+    client.get("/healthz")
+    wanted = [PROMETHEUS_NAMES[REQUESTS_METRIC], PROMETHEUS_NAMES[BATCH_SIZE_METRIC] + "_bucket",
+              PROMETHEUS_NAMES[MODEL_INFO_METRIC]]
+    deadline, text = time.monotonic() + 45, ""
+    while time.monotonic() < deadline:   # Ray exports metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in wanted) and 'status="400"' in text:
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if ln.startswith(PROMETHEUS_NAMES[REQUESTS_METRIC])]
+    assert any('route="/v1/predict"' in ln and 'status="200"' in ln for ln in lines), lines
+    assert any('status="400"' in ln for ln in lines), lines
+    assert all(name in text for name in wanted)
