@@ -18,7 +18,7 @@ from resnet_dist.config import DataConfig
 from resnet_dist.data import decode_images, split_files
 
 
-def read_split(data_dir: str, split: str, limit: int = 0) -> ray.data.Dataset:
+def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0) -> ray.data.Dataset:
     """A split's Parquet shards as a Ray Dataset of raw rows (image bytes, label).
 
     The train split is read in a new random file order each epoch ("files"
@@ -26,8 +26,9 @@ def read_split(data_dir: str, split: str, limit: int = 0) -> ray.data.Dataset:
     buffer in the iterator mixes across shard boundaries. This costs nothing
     next to a full `random_shuffle` (see docs/benchmarks.md).
     """
-    ds = ray.data.read_parquet(split_files(data_dir, split), columns=["image", "label"],
-                               shuffle="files" if split == "train" else None)
+    splits = [split] if isinstance(split, str) else list(split)
+    files = [f for s in splits for f in split_files(data_dir, s)]
+    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle="files" if "train" in splits else None)
     return ds.limit(limit) if limit else ds
 
 
@@ -55,13 +56,15 @@ class _Transform:
 
 
 def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
-                   splits: Sequence[str] = ("train", "val"), raw_train: bool = False) -> dict[str, ray.data.Dataset]:
-    """The datasets for a TorchTrainer: train augmented (or raw uint8 with
-    `raw_train`, for the device-side path), the others normalised only."""
+                   splits: Sequence[str] = ("train", "val"), raw_train: bool = False,
+                   train_splits: Sequence[str] = ("train",)) -> dict[str, ray.data.Dataset]:
+    """The datasets for a TorchTrainer: "train" (the union of `train_splits`)
+    augmented, or raw uint8 with `raw_train` for the device-side path; the others
+    normalised only."""
     out = {}
     for split in splits:
         train = split == "train"
-        ds = read_split(data_dir, split, data.train_subset if train else 0)
+        ds = read_split(data_dir, tuple(train_splits) if train else split, data.train_subset if train else 0)
         fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None,
                         raw=train and raw_train)
         # A plain function keeps the work in short tasks; batch 500 images = 1.5 MB raw, 6 MB out.

@@ -26,6 +26,7 @@ from cluster.metrics import TrainMetrics
 from resnet_dist.checkpoint import CHECKPOINT_FILE, build_checkpoint, load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig
 from resnet_dist.engine import evaluate, train_epoch
+from resnet_dist.finetune import FinetuneConfig, prepare_finetune, set_train_mode
 from resnet_dist.loader import ArrayLoader
 from resnet_dist.training import build_training, epoch_record, restore_training
 
@@ -44,18 +45,23 @@ class WorkerJob:
     # "pipeline": Ray Data augments every epoch (CPU default); "device": each worker reads
     # its shard once and augments on its device (GPU default, airbench-style).
     data_path: str = "pipeline"
+    train_splits: tuple[str, ...] = ("train",)   # fine-tuning on CIFAR-10 trains on train + val
+    init_checkpoint: str = ""                    # fine-tuning: the checkpoint to start from
+    finetune: dict[str, Any] | None = None       # fine-tuning: FinetuneConfig fields
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run.to_dict(), "manifest": self.manifest, "threads": self.threads, "tags": self.tags,
-                "data_path": self.data_path}
+                "data_path": self.data_path, "train_splits": list(self.train_splits),
+                "init_checkpoint": self.init_checkpoint, "finetune": self.finetune}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WorkerJob":
-        return cls(RunConfig.from_dict(d["run"]), d["manifest"], d["threads"], d.get("tags", {}), d["data_path"])
+        return cls(RunConfig.from_dict(d["run"]), d["manifest"], d["threads"], d["tags"], d["data_path"],
+                   tuple(d["train_splits"]), d["init_checkpoint"], d["finetune"])
 
 
 def steps_per_epoch(job: WorkerJob) -> int:
-    n = job.manifest["counts"]["train"]
+    n = sum(job.manifest["counts"][s] for s in job.train_splits)
     if job.run.data.train_subset:
         n = min(n, job.run.data.train_subset)
     return n // job.run.train.batch_size
@@ -73,7 +79,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)   # same initial weights on every rank (DDP also broadcasts them)
     per_worker_batch = cfg.train.batch_size // world
 
-    state = build_training(cfg, model_cfg, steps_per_epoch(job), device, wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    model, lr_scale, train_mode = None, None, None
+    if job.finetune is not None:
+        ft = FinetuneConfig(**job.finetune)
+        model, model_cfg, lr_scale = prepare_finetune(load_checkpoint(job.init_checkpoint), len(classes), ft)
+        train_mode = set_train_mode   # frozen BN layers stay in eval mode
+    state = build_training(cfg, model_cfg, steps_per_epoch(job), device, model=model, lr_scale=lr_scale,
+                           wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     start_epoch, history = 0, []
     resumed = ray.train.get_checkpoint()
     if resumed:
@@ -96,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = on_device if on_device is not None else torch_batches(train_shard, per_worker_batch, train=True, device=device)
         stats = train_epoch(
             state.model, batches, state.optimizer, state.scheduler, state.loss_fn, device, state.precision,
-            state.scaler, cfg.train.grad_accum,
+            state.scaler, cfg.train.grad_accum, train_mode=train_mode,
         )
         val = evaluate(state.model, torch_batches(val_shard, cfg.train.eval_batch_size, train=False, device=device),
                        len(classes), device, state.precision, cfg.train.eval_flip_tta)
@@ -157,7 +169,8 @@ def build_trainer(
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
-        datasets=build_datasets(data_dir, job.manifest, job.run.data, raw_train=job.data_path == "device"),
+        datasets=build_datasets(data_dir, job.manifest, job.run.data, raw_train=job.data_path == "device",
+                                train_splits=job.train_splits),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker},
         ),
@@ -193,7 +206,7 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     check_resources(cfg, workers, use_gpu)
     manifest = read_manifest(cfg.data.data_dir)
     cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers, use_gpu)
-    job = WorkerJob(cfg, manifest, threads or max(1, round(cpus)), tags={"run": Path(run_dir).name},
+    job = WorkerJob(cfg, manifest, threads or default_threads(workers, cpus), tags={"run": Path(run_dir).name},
                     data_path=data_path if data_path != "auto" else ("device" if use_gpu else "pipeline"))
     run_path = Path(run_dir).resolve()
     console.print(f"[bold]Ray Train[/bold]: {workers} workers x {cpus:g} CPU{' + 1 GPU' if use_gpu else ''}, "
@@ -228,6 +241,16 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     summary = write_summary(run_path, cfg, last["extra"]["history"], best, test)
     print_eval_report(summary["test"], "test (best val checkpoint)")
     return summary
+
+
+def default_threads(workers: int, cpus_per_worker: float) -> int:
+    """torch threads per worker: on one node, its cores split evenly (logical CPU
+    shares may be fractional to leave room for Ray Data); else the worker's CPU share."""
+    from cluster.runtime import cluster_cpus
+
+    if len(ray.nodes()) == 1:
+        return max(1, int(cluster_cpus() // workers))
+    return max(1, round(cpus_per_worker))
 
 
 def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:

@@ -207,9 +207,13 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     grad_accum: int = 1,
     on_step: Callable[[int, int], None] | None = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
 ) -> EpochStats:
-    """Train over `batches` once. `on_step(step, batch_images)` is called after each step."""
+    """Train over `batches` once. `on_step(step, batch_images)` is called after each step;
+    `train_mode(model)` after `model.train()` (fine-tuning keeps frozen BN layers in eval)."""
     model.train()
+    if train_mode is not None:
+        train_mode(model)
     wait = [0.0]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)

@@ -1,0 +1,352 @@
+"""The main job: ASHA sweep -> best trial on validation -> fine-tune -> evaluate -> report.
+
+Everything lands in one sweep directory, STORAGE/NAME:
+  trials.csv, best_config.json, best.pt (the selected trial's best checkpoint),
+  finetuned.pt, report.md + PNG plots, summary.json; Tune's and Train's own
+  state lives beside them (tune/, train/), which is what a re-run resumes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune as tune
+
+from cluster.progress import fit_streaming
+from cluster.runtime import cluster_cpus, cluster_gpus, connect
+from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_threads
+from cluster.tune import AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
+from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
+from resnet_dist.config import ConfigError, RunConfig
+from resnet_dist.data import prepare_dataset, read_manifest
+from resnet_dist.finetune import FinetuneConfig
+from resnet_dist.report import write_report
+from resnet_dist.training import evaluate_checkpoint, write_json
+
+FINETUNED_CHECKPOINT = "finetuned.pt"   # also what cluster/serve.py looks for in a sweep directory
+SELECTED_CHECKPOINT = "best.pt"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"
+    storage: str = "runs"
+    data_dir: str = "data/cifar10"
+    space: SearchSpace = field(default_factory=SearchSpace)
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    num_samples: int = 4
+    workers_per_trial: int = 1
+    max_concurrent: int = 2
+    train_subset: int = 0           # train images per epoch in the sweep (0 = all)
+    seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(mode="full"))
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.02
+    finetune_data: str = ""         # "" = CIFAR-10 (train+val); else an image folder/archive with its own classes
+    finetune_subset: int = 0
+    serve: bool = False
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage).resolve() / self.name
+
+
+PRESETS: dict[str, SweepConfig] = {
+    # Tests: tiny model, tiny data, 4 trials; ASHA stops some at epoch 1.
+    "smoke": SweepConfig(
+        space=SearchSpace(flavors=("debug",), lr_mult=(0.25, 2.0), batch_sizes=(32,)),
+        asha=AshaConfig(max_epochs=2, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
+        finetune=FinetuneConfig(mode="head"), finetune_epochs=1, finetune_lr=0.05,
+    ),
+    # The README default: real CIFAR-10 on 2 CPU cores in <= 15 min for the whole pipeline.
+    "local": SweepConfig(
+        space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd", "adamw"), lr_mult=(0.5, 2.0),
+                          batch_sizes=(128,), label_smoothing=(0.0, 0.1)),
+        asha=AshaConfig(max_epochs=3, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
+        train_subset=20000, finetune=FinetuneConfig(mode="full"), finetune_epochs=1, finetune_lr=0.02,
+        finetune_subset=20000, serve=True,
+    ),
+    # A GPU cluster: several workers per trial, deeper and wider nets, 30 epochs.
+    "cluster": SweepConfig(
+        space=SearchSpace(flavors=("resnet18", "resnet56", "resnet110", "wrn16_4"), widths=(1.0, 2.0),
+                          blocks=("basic", "bottleneck"), optimizers=("sgd", "adamw"), lr_mult=(0.25, 4.0),
+                          weight_decay=(5e-5, 2e-3), momentum=(0.85, 0.9, 0.95), batch_sizes=(256, 512, 1024),
+                          label_smoothing=(0.0, 0.1, 0.2), schedules=("onecycle", "cosine")),
+        asha=AshaConfig(max_epochs=30, grace_period=3, reduction_factor=3), num_samples=64, workers_per_trial=4,
+        max_concurrent=8, finetune=FinetuneConfig(mode="full"), finetune_epochs=5, finetune_lr=0.01,
+    ),
+}
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Clear errors before any trial starts."""
+    cfg.space.validate()
+    cfg.asha.validate()
+    cfg.finetune.validate()
+    if cfg.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
+    read_manifest(cfg.data_dir)
+    if cfg.finetune_data and not Path(cfg.finetune_data).exists():
+        raise ConfigError(f"fine-tuning data {cfg.finetune_data} does not exist")
+    if "://" not in cfg.storage:
+        _check_writable(Path(cfg.storage).resolve())
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage {path} is not writable: {e.strerror or e}") from e
+
+
+def base_run_config(cfg: SweepConfig) -> RunConfig:
+    return RunConfig().replace(
+        data={"data_dir": str(Path(cfg.data_dir).resolve()), "train_subset": cfg.train_subset},
+        train={"epochs": cfg.asha.max_epochs, "seed": cfg.seed},
+    )
+
+
+def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial: sampled config, epochs run, best val acc and its checkpoint, ASHA stop."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or df.empty or "val_acc" not in df:
+            continue
+        df = df.sort_values("epoch").drop_duplicates("epoch", keep="last")
+        best_row = df.loc[df["val_acc"].idxmax()]
+        run = trial_run_config(base, r.config)
+        epochs_run = int(df["epoch"].max())
+        rows.append({
+            "trial_id": r.metrics.get("trial_id", Path(r.path).name), "status": "ERROR" if r.error else "TERMINATED",
+            "flavor": run.model.flavor, "width": run.model.width, "block": run.model.block or "basic",
+            "optimizer": run.optim.optimizer, "lr": run.optim.lr, "weight_decay": run.optim.weight_decay,
+            "momentum": run.optim.momentum, "batch_size": run.train.batch_size,
+            "label_smoothing": run.optim.label_smoothing, "schedule": run.optim.schedule,
+            "epochs_run": epochs_run, "best_val_acc": float(best_row["val_acc"]),
+            "best_checkpoint": best_row.get("checkpoint_path"),
+            "stopped_early": epochs_run < max_epochs and not r.error,
+            "stopped_at_epoch": epochs_run if epochs_run < max_epochs else None,
+            "history": list(zip(df["epoch"].astype(int).tolist(), df["val_acc"].astype(float).tolist())),
+            "config": run.to_dict(),
+        })
+    return rows
+
+
+class LiveTrials(tune.Callback):
+    """A rich live table of trials (status, epoch, val acc), refreshed as results arrive.
+    Tune callbacks run in the driver, so this draws in the user's terminal."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = None   # made in setup(): Tune pickles its callbacks, and a Live holds locks
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"rows": self.rows, "live": None}
+
+    def _table(self):
+        from rich.table import Table
+
+        t = Table(title="ASHA sweep")
+        for col in ("trial", "status", "model", "optimizer", "lr", "epoch", "val acc"):
+            t.add_column(col, justify="right")
+        for tid, r in self.rows.items():
+            t.add_row(tid, r["status"], r["model"], r["optimizer"], r["lr"], str(r.get("epoch", "")),
+                      f"{r['val_acc']:.2%}" if "val_acc" in r else "")
+        return t
+
+    def _update(self, trial, status: str, result: dict | None = None) -> None:
+        c = trial.config
+        row = self.rows.setdefault(trial.trial_id, {
+            "model": f"{c['flavor']} x{c['width']:g}", "optimizer": c["optimizer"],
+            "lr": f"{c['lr_mult']:.2f}x", "status": status})
+        row["status"] = status
+        if result:
+            row.update(epoch=int(result.get("epoch", 0)), val_acc=float(result.get("val_acc", 0.0)))
+        if self.live is not None:
+            self.live.update(self._table())
+
+    def setup(self, **info) -> None:
+        from rich.live import Live
+
+        from resnet_dist.console import console
+
+        self.live = Live(self._table(), console=console, refresh_per_second=2)
+        self.live.start()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._update(trial, "RUNNING", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "DONE" if self.rows[trial.trial_id].get("epoch") else "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "ERROR")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resources: TrialResources,
+                         console) -> dict[str, Any]:
+    """Fine-tune `source` on Ray Train; returns the fine-tuned checkpoint dict."""
+    from resnet_dist.console import history_table
+
+    src = load_checkpoint(source)
+    # The backbone learnt on inputs normalised with the source data's statistics; keep them.
+    manifest = {**read_manifest(data_dir), "mean": src["mean"], "std": src["std"]}
+    run = RunConfig.from_dict(src["run_config"]).replace(
+        data={"data_dir": str(data_dir), "train_subset": cfg.finetune_subset},
+        optim={"lr": cfg.finetune_lr, "warmup_epochs": 0.1 * cfg.finetune_epochs},
+        train={"epochs": cfg.finetune_epochs},
+    )
+    # CIFAR-10 itself: model selection is done, so train on train + val; a user's data keeps val held out.
+    splits = ("train", "val") if not cfg.finetune_data else ("train",)
+    workers = resources.workers * resources.max_concurrent   # fine-tuning runs alone: use every trial slot
+    job = WorkerJob(run, manifest, default_threads(workers, resources.cpus_per_worker),
+                    tags={"run": f"{cfg.name}-finetune"}, data_path=resources.data_path, train_splits=splits,
+                    init_checkpoint=str(source), finetune=asdict(cfg.finetune))
+    history: list[dict] = []
+
+    def on_report(r: dict) -> None:
+        history.append(r["metrics"][0])
+        console.print(history_table(history, title=f"Fine-tuning ({cfg.finetune.mode})"))
+
+    result = fit_streaming(lambda cbs: build_trainer(
+        job, str(data_dir), workers, "finetune", str(cfg.sweep_dir / "train"), resources.use_gpu,
+        resources.cpus_per_worker, 1, cbs), on_report)
+    with result.checkpoint.as_directory() as d:   # the last epoch: train+val leaves nothing to select on
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
+    """The whole loop; returns the summary also written to summary.json."""
+    t0 = time.perf_counter()
+    connect()
+    sweep_dir = cfg.sweep_dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(cfg.data_dir)
+    resources = plan_resources(cfg.workers_per_trial, cfg.max_concurrent, cluster_cpus(), cluster_gpus(),
+                               os.cpu_count() or 1)
+    base = base_run_config(cfg)
+    plan = {"base": base.to_dict(), "manifest": manifest, "resources": asdict(resources), "name": cfg.name,
+            "train_storage": str(sweep_dir / "train")}
+    console.print(f"[bold]sweep[/bold] {cfg.name}: {cfg.num_samples} trials, ASHA max {cfg.asha.max_epochs} epochs, "
+                  f"{resources.max_concurrent} at a time x {resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
+                  f"{' + 1 GPU' if resources.use_gpu else ''} -> {sweep_dir}")
+    tuner = build_tuner("tune", str(sweep_dir), cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
+                        callbacks=[LiveTrials()])
+    results = tuner.fit()
+    trials = collect_trials(results, base, cfg.asha.max_epochs)
+    if not trials:
+        raise RuntimeError(f"no trial reported a result; see {sweep_dir / 'tune'}")
+    best = max(trials, key=lambda t: t["best_val_acc"])
+    selected = load_checkpoint(best["best_checkpoint"])
+    save_checkpoint(selected, sweep_dir / SELECTED_CHECKPOINT)
+    write_json(sweep_dir / "best_config.json", {"trial_id": best["trial_id"], "val_acc": best["best_val_acc"],
+                                                "epoch": selected["epoch"], "config": best["config"]})
+    console.print(f"best trial {best['trial_id']}: val acc {best['best_val_acc']:.2%} at epoch {selected['epoch']}")
+
+    ft_data = Path(cfg.data_dir).resolve()
+    if cfg.finetune_data:
+        ft_data = sweep_dir / "finetune-data"
+        prepare_dataset(cfg.finetune_data, ft_data, val_size=_val_size(cfg.finetune_data))
+    before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
+    tuned = finetune_distributed(cfg, sweep_dir / SELECTED_CHECKPOINT, ft_data, resources, console)
+    save_checkpoint(tuned, sweep_dir / FINETUNED_CHECKPOINT)
+    after = evaluate_checkpoint(tuned, ft_data, "test")
+
+    from resnet_dist.metrics import classification_report
+
+    after_rep = classification_report(after.confusion, tuned["classes"])
+    before_rep = classification_report(before.confusion, selected["classes"]) if before else _na_report(after_rep)
+    report = write_report(
+        sweep_dir, title=f"Sweep {cfg.name}", trials=trials, max_epochs=cfg.asha.max_epochs, best=best,
+        before=before_rep, after=after_rep,
+        finetune={"mode": cfg.finetune.mode, "epochs": cfg.finetune_epochs,
+                  "data": cfg.finetune_data or "CIFAR-10 train+val"},
+        notes=[f"data: {cfg.data_dir} (fingerprint {manifest['fingerprint'][:16]})",
+               f"wall time of the pipeline up to this report: {time.perf_counter() - t0:.0f} s"],
+    )
+    summary = {"name": cfg.name, "sweep_dir": str(sweep_dir), "trials": [{k: v for k, v in t.items() if k != "config"}
+               for t in trials], "best": best["trial_id"], "best_val_acc": best["best_val_acc"],
+               "before": before_rep, "after": after_rep, "report": str(report),
+               "stopped_early": sum(t["stopped_early"] for t in trials), "seconds": time.perf_counter() - t0}
+    write_json(sweep_dir / "summary.json", summary)
+    return summary
+
+
+def _same_classes(ckpt: dict[str, Any], data_dir: Path) -> bool:
+    return list(ckpt["classes"]) == list(read_manifest(data_dir)["classes"])
+
+
+def _na_report(like: dict[str, Any]) -> dict[str, Any]:
+    """'Before' for a data set with other classes: the old head cannot predict them."""
+    return {"accuracy": float("nan"), "macro_f1": float("nan"), "per_class": {}, "classes": like["classes"],
+            "confusion_matrix": [[0] * len(like["classes"]) for _ in like["classes"]]}
+
+
+def _val_size(source: str) -> int:
+    """A user's folder: hold out 10% of train for validation, at most the CIFAR default."""
+    from resnet_dist.data import load_source
+
+    n = len(load_source(source)["train"].labels)
+    return max(1, min(5000, n // 10))
+
+
+def add_sweep_args(p) -> None:
+    """Every SweepConfig field as an option; unset options keep the preset's value."""
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="local", help="base settings (default: %(default)s)")
+    a("--name", help="sweep name: the directory under --storage; re-running the same name resumes it")
+    a("--storage", help="where sweeps live: a local dir or NFS mount (default: runs)")
+    a("--data", dest="data_dir", help="prepared Parquet data (default: data/cifar10)")
+    a("--num-samples", type=int, help="trials to sample")
+    a("--max-epochs", type=int, help="ASHA max_t: epochs of a trial never stopped")
+    a("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    a("--reduction-factor", type=int, help="ASHA: keep 1/N of the trials at each rung")
+    a("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    a("--max-concurrent", type=int, help="upper bound on trials at once (the cluster may allow fewer)")
+    a("--train-subset", type=int, help="train images per epoch in the sweep (0 = all)")
+    a("--seed", type=int, help="seed of the search")
+    for name, kind in (("flavors", str), ("widths", float), ("blocks", str), ("optimizers", str),
+                       ("momentum", float), ("batch-sizes", int), ("label-smoothing", float), ("schedules", str)):
+        a(f"--{name}", nargs="+", type=kind, help=f"search space: {name} to choose from")
+    a("--lr-mult", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform multiplier of the optimizer's base lr")
+    a("--weight-decay", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform weight decay range")
+    a("--finetune-mode", choices=["head", "full", "last-stage"], help="what fine-tuning trains")
+    a("--finetune-epochs", type=int)
+    a("--finetune-lr", type=float, help="peak lr of fine-tuning (the head's; see --finetune-mode)")
+    a("--finetune-data", help="an image folder/archive with its own classes (default: CIFAR-10 train+val)")
+    a("--finetune-subset", type=int, help="fine-tuning images per epoch (0 = all)")
+    a("--serve", action=argparse.BooleanOptionalAction, help="deploy the fine-tuned model on Ray Serve at the end")
+
+
+def sweep_config_from_args(args) -> SweepConfig:
+    cfg = PRESETS[args.preset]
+    top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
+                                         "max_concurrent", "train_subset", "seed", "finetune_epochs", "finetune_lr",
+                                         "finetune_data", "finetune_subset", "serve") if getattr(args, k) is not None}
+    space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",
+                                                   "batch_sizes", "label_smoothing", "schedules", "lr_mult",
+                                                   "weight_decay") if getattr(args, k) is not None}
+    asha = {k: getattr(args, k) for k in ("max_epochs", "grace_period", "reduction_factor")
+            if getattr(args, k) is not None}
+    cfg = replace(cfg, **top, space=replace(cfg.space, **space), asha=replace(cfg.asha, **asha))
+    if args.finetune_mode:
+        cfg = replace(cfg, finetune=replace(cfg.finetune, mode=args.finetune_mode))
+    return cfg

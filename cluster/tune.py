@@ -1,0 +1,161 @@
+"""Ray Tune: an ASHA sweep of Ray Train runs, the Train V2 way.
+
+Each Tune trial is a small function that builds a `TorchTrainer` (cluster/train.py)
+and calls `fit()`; `TuneReportCallback` turns every `ray.train.report` (one per
+epoch) into a Tune result, which is ASHA's time unit. Trials ask for a sliver of
+CPU themselves; their Train workers hold the real resources.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune as tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from cluster.train import WorkerJob, build_trainer
+from resnet_dist.config import ConfigError, RunConfig
+from resnet_dist.models import FLAVORS
+
+# Logical CPUs a trial's own driver function asks for: enough to be a real
+# resource request (Tune rejects 0), small enough to leave the CPUs to its workers.
+TRIAL_DRIVER_CPUS = 0.01
+# Peak learning rate per optimizer at the base batch size; the sweep samples a
+# log-uniform multiplier of it, so one range fits both optimizers.
+BASE_LR = {"sgd": 0.2, "adamw": 2e-3}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    flavors: tuple[str, ...] = ("resnet20",)
+    widths: tuple[float, ...] = (1.0,)
+    blocks: tuple[str, ...] = ("basic",)
+    optimizers: tuple[str, ...] = ("sgd",)
+    lr_mult: tuple[float, float] = (0.5, 2.0)          # log-uniform multiplier of BASE_LR[optimizer]
+    weight_decay: tuple[float, float] = (1e-4, 1e-3)   # log-uniform
+    momentum: tuple[float, ...] = (0.9,)
+    batch_sizes: tuple[int, ...] = (128,)
+    label_smoothing: tuple[float, ...] = (0.0, 0.1)
+    schedules: tuple[str, ...] = ("onecycle",)
+
+    def validate(self) -> None:
+        for name in ("flavors", "widths", "blocks", "optimizers", "momentum", "batch_sizes", "label_smoothing", "schedules"):
+            if not getattr(self, name):
+                raise ConfigError(f"empty search space: no {name.replace('_', ' ')} to choose from")
+        bad = [f for f in self.flavors if f not in FLAVORS]
+        if bad:
+            raise ConfigError(f"unknown model flavor {bad[0]!r}; choose from {', '.join(FLAVORS)}")
+        for lo, hi, what in (*self.lr_mult, "lr multiplier"), (*self.weight_decay, "weight decay"):
+            if not 0 < lo <= hi:
+                raise ConfigError(f"{what} range must satisfy 0 < low <= high, got {lo}..{hi}")
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's search space over the sampled fields (constants stay out of it)."""
+        def choice(values: tuple) -> Any:
+            return tune.choice(list(values)) if len(values) > 1 else values[0]
+
+        def loguniform(lo: float, hi: float) -> Any:
+            return tune.loguniform(lo, hi) if hi > lo else lo
+
+        return {
+            "flavor": choice(self.flavors), "width": choice(self.widths), "block": choice(self.blocks),
+            "optimizer": choice(self.optimizers), "lr_mult": loguniform(*self.lr_mult),
+            "weight_decay": loguniform(*self.weight_decay), "momentum": choice(self.momentum),
+            "batch_size": choice(self.batch_sizes), "label_smoothing": choice(self.label_smoothing),
+            "schedule": choice(self.schedules),
+        }
+
+
+def trial_run_config(base: RunConfig, sample: dict[str, Any]) -> RunConfig:
+    """The RunConfig of one trial: the base with the sampled values in place."""
+    return base.replace(
+        model={"flavor": sample["flavor"], "width": sample["width"], "block": sample["block"]},
+        optim={"optimizer": sample["optimizer"], "lr": BASE_LR[sample["optimizer"]] * sample["lr_mult"],
+               "weight_decay": sample["weight_decay"], "momentum": sample["momentum"],
+               "label_smoothing": sample["label_smoothing"], "schedule": sample["schedule"]},
+        train={"batch_size": sample["batch_size"]},
+    )
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """How each trial's Train run is sized, derived from the cluster (see `plan_resources`)."""
+
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    threads: int
+    max_concurrent: int
+    data_path: str
+
+
+def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> TrialResources:
+    """Size trials so that every running trial's workers fit at once, with one CPU
+    left for Ray Data, and no trial waits PENDING for CPUs another trial's workers hold."""
+    if gpus >= 1:
+        concurrent = max(1, min(max_concurrent, int(gpus // workers)))
+        if concurrent * workers > gpus:
+            raise ConfigError(f"{workers} GPU workers per trial, but the cluster has {gpus:g} GPUs")
+        cpus_per_worker = max(1.0, math.floor((cpus - 1) / (concurrent * workers))) if cpus > 1 else 1.0
+        return TrialResources(workers, True, cpus_per_worker, int(cpus_per_worker), concurrent, "device")
+    spare = cpus - 1.0   # one CPU for Ray Data's read/augment tasks
+    if spare <= 0:
+        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs; a CPU sweep needs at least 2")
+    concurrent = max(1, min(max_concurrent, int(spare // (0.5 * workers))))
+    cpus_per_worker = min(1.0, spare / (concurrent * workers))
+    threads = max(1, node_cores // (concurrent * workers))
+    return TrialResources(workers, False, cpus_per_worker, threads, concurrent, "pipeline")
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run of the sampled config (a Train driver, not a worker)."""
+    plan = config["plan"]
+    res = TrialResources(**plan["resources"])
+    cfg = trial_run_config(RunConfig.from_dict(plan["base"]), config)
+    trial_id = tune.get_context().get_trial_id()
+    job = WorkerJob(cfg, plan["manifest"], res.threads, tags={"run": plan["name"], "trial": trial_id},
+                    data_path=res.data_path)
+    # The Train run is named after the trial, so a restored trial resumes its own checkpoints.
+    build_trainer(job, cfg.data.data_dir, res.workers, f"trial-{trial_id}", plan["train_storage"], res.use_gpu,
+                  res.cpus_per_worker, max_failures=1, callbacks=[TuneReportCallback()]).fit()
+
+
+@dataclass(frozen=True)
+class AshaConfig:
+    max_epochs: int = 3        # ASHA's max_t: epochs of a trial that is never stopped
+    grace_period: int = 1      # epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # keep 1/reduction_factor of the trials at each rung
+
+    def validate(self) -> None:
+        if not 1 <= self.grace_period <= self.max_epochs:
+            raise ConfigError(f"grace period {self.grace_period} must be between 1 and max epochs {self.max_epochs}")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction factor must be >= 2, got {self.reduction_factor}")
+
+
+def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, num_samples: int, seed: int,
+                plan: dict[str, Any], resources: TrialResources, callbacks: list | None = None) -> tune.Tuner:
+    """A new Tuner, or the same sweep restored when STORAGE/NAME holds one (finished
+    trials are not re-run; ASHA-stopped ones stay stopped)."""
+    trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
+    path = str(Path(storage) / name)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    searcher = tune.search.BasicVariantGenerator(random_state=seed)
+    return tune.Tuner(
+        trainable,
+        param_space={**space.param_space(), "plan": plan},
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", num_samples=num_samples, max_concurrent_trials=resources.max_concurrent,
+            search_alg=searcher,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=asha.max_epochs, grace_period=asha.grace_period,
+                                    reduction_factor=asha.reduction_factor),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks or [],
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0),
+    )

@@ -1,0 +1,45 @@
+"""The main job: an ASHA sweep over architecture and optimizer on Ray Tune + Train,
+then fine-tuning of the best checkpoint, evaluation before/after, a report, and
+(with --serve) the fine-tuned model on Ray Serve.
+
+    python jobs/sweep.py --preset local                 # a local Ray it starts itself
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/sweep.py --preset local
+
+Re-running with the same --name and --storage resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from resnet_dist.cli import die
+from resnet_dist.config import ConfigError
+from resnet_dist.data import DataError
+
+
+def main(argv=None) -> None:
+    from cluster.sweep import add_sweep_args, run_sweep, sweep_config_from_args, validate
+    from resnet_dist.console import console, print_eval_report
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(p)
+    args = p.parse_args(argv)
+    cfg = sweep_config_from_args(args)
+    try:
+        validate(cfg)
+    except (ConfigError, DataError) as e:
+        die(str(e))
+    summary = run_sweep(cfg, console)
+    if summary["before"]["per_class"]:
+        print_eval_report(summary["before"], "test, before fine-tuning")
+    print_eval_report(summary["after"], "test, after fine-tuning")
+    console.print(f"{summary['stopped_early']} of {len(summary['trials'])} trials stopped early by ASHA; "
+                  f"report: {summary['report']} ({summary['seconds']:.0f} s)")
+    if cfg.serve:
+        from cluster.sweep import serve_and_probe
+
+        serve_and_probe(cfg, console)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Fine-tuning a trained checkpoint on a (possibly different) data set.
+
+Pure PyTorch. `prepare_finetune` and `set_train_mode` are what
+a Ray Train worker loop needs; `finetune_local` runs the whole job in one
+process, with the engine's `train_epoch`/`evaluate` like `fit_local`.
+
+Modes (`FinetuneConfig.mode`):
+  * "head": only the classifier trains; the backbone, BN running statistics
+    included, stays exactly as in the checkpoint.
+  * "last-stage": the last stage and the head train; stem and earlier stages
+    are frozen like the backbone in "head".
+  * "full": every layer trains.
+Every pretrained layer that trains runs at `backbone_lr_scale` x lr (the last
+stage in "last-stage" too: it holds pretrained weights like any other backbone
+layer); the head runs at 1 x lr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
+from resnet_dist.config import ConfigError, ModelConfig, RunConfig, section_from_dict
+from resnet_dist.data import ImageArrays, read_manifest, read_split
+from resnet_dist.engine import EvalResult, evaluate, select_device, train_epoch
+from resnet_dist.loader import ArrayLoader
+from resnet_dist.metrics import classification_report
+from resnet_dist.models import ResNet
+from resnet_dist.training import BEST_CHECKPOINT, TrainingHooks, build_training, epoch_record, write_json
+
+FINETUNE_MODES = ("head", "full", "last-stage")
+HEAD_PREFIX = "fc."                 # parameter names of ResNet's classifier
+SUMMARY_FILE = "finetune.json"
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str = "head"              # "head" | "full" | "last-stage": which layers train (module docstring)
+    reset_head: bool = True         # a new random head; forced when the class count differs
+    backbone_lr_scale: float = 0.1  # lr multiplier of the pretrained layers that train; the head gets 1.0
+
+    def validate(self) -> "FinetuneConfig":
+        if self.mode not in FINETUNE_MODES:
+            raise ConfigError(f"finetune.mode must be {'|'.join(FINETUNE_MODES)}, got {self.mode!r}")
+        if not self.backbone_lr_scale > 0:   # written so that NaN fails too
+            raise ConfigError(f"finetune.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
+        return self
+
+
+def _trainable_prefixes(model: ResNet, mode: str) -> tuple[str, ...]:
+    """Name prefixes of the parameters that train in `mode` ("" matches every name)."""
+    if mode == "full":
+        return ("",)
+    if mode == "last-stage":
+        return (f"stages.{len(model.stages) - 1}.", HEAD_PREFIX)
+    return (HEAD_PREFIX,)
+
+
+def prepare_finetune(
+    ckpt: dict[str, Any], num_classes: int, ft: FinetuneConfig
+) -> tuple[ResNet, ModelConfig, Callable[[str], float]]:
+    """The checkpoint's network set up for fine-tuning on `num_classes` classes.
+
+    Returns (model on the CPU, its ModelConfig with the new class count, the
+    `lr_scale` for `build_optimizer`). The head is re-initialised (from the
+    torch RNG: seed first) when `ft.reset_head` or the class count differs;
+    parameters outside the mode's layers get requires_grad=False, so the
+    optimizer never sees them. The training loop must use `set_train_mode`
+    (`engine.train_epoch(..., train_mode=set_train_mode)`) so that frozen BN layers also keep their statistics.
+    """
+    ft.validate()
+    source_cfg = section_from_dict(ModelConfig, ckpt["model_config"])
+    model = model_from_checkpoint(ckpt)
+    if ft.reset_head or num_classes != source_cfg.num_classes:
+        model.reset_head(num_classes)
+    trainable = _trainable_prefixes(model, ft.mode)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(trainable))
+
+    def lr_scale(name: str) -> float:
+        return 1.0 if name.startswith(HEAD_PREFIX) else ft.backbone_lr_scale
+
+    return model, dataclasses.replace(source_cfg, num_classes=num_classes), lr_scale
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """`model.train()`, except that BN layers whose parameters are all frozen stay in eval mode.
+
+    In train mode a frozen BN layer would still normalise with batch statistics
+    and overwrite its running statistics: the "frozen" backbone would drift, and
+    the head would learn on features other than those it gets at inference.
+    Call it wherever the loop would call model.train() (works on DDP/compiled
+    wrappers too); `engine.train_epoch` takes it as `train_mode`.
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def finetune_local(
+    ckpt_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: RunConfig,
+    ft: FinetuneConfig,
+    hooks: TrainingHooks | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the checkpoint at `ckpt_path` on the prepared data set `data_dir`, in this process.
+
+    The architecture comes from the checkpoint (`cfg.model` is replaced by it)
+    and the data from `data_dir` (`cfg.data` supplies subset and augmentation);
+    optimizer, schedule and epochs come from `cfg`. Test accuracy is measured
+    before training (the model as fine-tuning starts: a new head scores at
+    chance) and after, on the same test split. Writes `best.pt` (best
+    validation epoch; a regular checkpoint for the new classes) and
+    `finetune.json` into `run_dir`; returns what `finetune.json` holds.
+    """
+    hooks = hooks or TrainingHooks()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = load_checkpoint(ckpt_path)
+    manifest = read_manifest(data_dir)
+    classes = manifest["classes"]
+    torch.manual_seed(cfg.train.seed)   # before prepare_finetune: it draws the new head
+    model, model_cfg, lr_scale = prepare_finetune(source, len(classes), ft)
+    cfg = cfg.replace(model=dataclasses.asdict(model_cfg), data={"data_dir": str(data_dir)})
+    # The backbone learnt on inputs normalised with the source data's statistics (and
+    # frozen BN layers keep them), so the new data is normalised the same way.
+    mean, std = source["mean"], source["std"]
+    device = select_device()
+
+    train = read_split(data_dir, "train")
+    if cfg.data.train_subset:
+        train = ImageArrays(train.images[: cfg.data.train_subset], train.labels[: cfg.data.train_subset], train.classes)
+    val = read_split(data_dir, "val")
+    test = read_split(data_dir, "test")
+    if len(train.labels) < cfg.train.batch_size:
+        raise ValueError(f"train split has {len(train.labels)} images, fewer than one batch of {cfg.train.batch_size}")
+    common = {"mean": mean, "std": std, "device": device}
+    train_loader = ArrayLoader.from_numpy(train.images, train.labels, batch_size=cfg.train.batch_size, data=cfg.data,
+                                          train=True, seed=cfg.train.seed, **common)
+    val_loader = ArrayLoader.from_numpy(val.images, val.labels, batch_size=cfg.train.eval_batch_size, **common)
+    test_loader = ArrayLoader.from_numpy(test.images, test.labels, batch_size=cfg.train.eval_batch_size, **common)
+
+    state = build_training(cfg, model_cfg, len(train_loader), device, model=model, lr_scale=lr_scale)
+
+    def evaluate_on(loader: ArrayLoader) -> EvalResult:
+        return evaluate(state.model, loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
+
+    before = evaluate_on(test_loader)
+    info = {
+        "mode": ft.mode,
+        "reset_head": ft.reset_head,
+        "backbone_lr_scale": ft.backbone_lr_scale,
+        "source_checkpoint": str(ckpt_path),
+        "source_code_version": source["code_version"],
+        "source_data_fingerprint": source["data_fingerprint"],
+        "source_classes": source["classes"],
+    }
+    history: list[dict[str, float]] = []
+    best_acc, stale = -1.0, 0
+    for epoch in range(cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        hooks.epoch_start(epoch + 1, cfg.train.epochs, len(train_loader))
+        stats = train_epoch(state.model, train_loader, state.optimizer, state.scheduler, state.loss_fn, device,
+                            state.precision, state.scaler, cfg.train.grad_accum, on_step=hooks.step,
+                            train_mode=set_train_mode)
+        val_result = evaluate_on(val_loader)
+        # Param groups run at different rates; record the unscaled (head) rate.
+        lr = cfg.optim.lr * state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0]["initial_lr"]
+        record = epoch_record(epoch + 1, stats, val_result, lr)
+        history.append(record)
+        if val_result.accuracy > best_acc:
+            best_acc, stale = val_result.accuracy, 0
+            ckpt = build_checkpoint(
+                state.model, model_config=model_cfg, run_config=cfg.to_dict(), classes=classes, mean=mean, std=std,
+                data_fingerprint=manifest["fingerprint"], epoch=epoch + 1, metrics=record,
+                extra={"finetune": info, "history": history},
+            )
+            save_checkpoint(ckpt, run_dir / BEST_CHECKPOINT)
+        else:
+            stale += 1
+        hooks.epoch_end(record, history)
+        if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
+            break
+
+    unwrap(state.model).load_state_dict(load_checkpoint(run_dir / BEST_CHECKPOINT)["model_state"])
+    after = evaluate_on(test_loader)
+    summary = {
+        "before": classification_report(before.confusion, classes),
+        "after": classification_report(after.confusion, classes),
+        "config": {"run": cfg.to_dict(), "finetune": info},
+        "history": history,
+    }
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return summary

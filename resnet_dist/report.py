@@ -1,0 +1,118 @@
+"""The sweep report: `report.md` with PNG plots (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")   # render to files; there is no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+TRIAL_COLUMNS = ("trial_id", "status", "flavor", "width", "block", "optimizer", "lr", "weight_decay", "momentum",
+                 "batch_size", "label_smoothing", "schedule", "epochs_run", "best_val_acc", "stopped_early",
+                 "stopped_at_epoch")
+
+
+def asha_savings(trials: Sequence[dict[str, Any]], max_epochs: int) -> float:
+    """Trial-epochs actually run / trial-epochs had every trial run to max_epochs."""
+    planned = max_epochs * len(trials)
+    return sum(t["epochs_run"] for t in trials) / planned if planned else 0.0
+
+
+def write_trials_csv(trials: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TRIAL_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(trials)
+
+
+def plot_val_curves(trials: Sequence[dict[str, Any]], max_epochs: int, path: str | os.PathLike) -> None:
+    """Validation accuracy per epoch for every trial; an x marks where ASHA stopped one."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for t in trials:
+        epochs = [e for e, _ in t["history"]]
+        accs = [a for _, a in t["history"]]
+        (line,) = ax.plot(epochs, accs, marker="o", ms=3, label=t["trial_id"])
+        if t["stopped_early"] and epochs:
+            ax.plot(epochs[-1], accs[-1], "x", color=line.get_color(), ms=10, mew=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_xlim(0.8, max_epochs + 0.2)
+    ax.set_title("ASHA sweep (x = stopped early)")
+    ax.grid(alpha=0.3)
+    if len(trials) <= 12:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: str | os.PathLike) -> None:
+    m = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(6, 5.5), dpi=110)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _metrics_table(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    rows = ["| | before fine-tuning | after fine-tuning |", "| --- | ---: | ---: |",
+            f"| accuracy | {before['accuracy']:.2%} | {after['accuracy']:.2%} |",
+            f"| macro F1 | {before['macro_f1']:.4f} | {after['macro_f1']:.4f} |"]
+    for name in after["classes"]:
+        b = before["per_class"].get(name)
+        a = after["per_class"][name]
+        b_txt = f"{b['precision']:.3f} / {b['recall']:.3f}" if b else "n/a"
+        rows.append(f"| {name}: precision / recall | {b_txt} | {a['precision']:.3f} / {a['recall']:.3f} |")
+    return rows
+
+
+def write_report(out_dir: str | os.PathLike, *, title: str, trials: Sequence[dict[str, Any]], max_epochs: int,
+                 best: dict[str, Any], before: dict[str, Any], after: dict[str, Any], finetune: dict[str, Any],
+                 notes: Sequence[str] = ()) -> Path:
+    """Write trials.csv, the plots and report.md into `out_dir`; returns report.md's path."""
+    out = Path(out_dir)
+    write_trials_csv(trials, out / "trials.csv")
+    plot_val_curves(trials, max_epochs, out / "val_acc.png")
+    plot_confusion(before["confusion_matrix"], before["classes"], "before fine-tuning", out / "confusion_before.png")
+    plot_confusion(after["confusion_matrix"], after["classes"], "after fine-tuning", out / "confusion_after.png")
+    stopped = [t for t in trials if t["stopped_early"]]
+    lines = [
+        f"# {title}", "",
+        f"{len(trials)} trials, ASHA max {max_epochs} epochs; {len(stopped)} stopped early.",
+        f"ASHA savings: {sum(t['epochs_run'] for t in trials)} trial-epochs run of "
+        f"{max_epochs * len(trials)} had every trial run to the end ({asha_savings(trials, max_epochs):.0%}).", "",
+        "## Trials", "",
+        "| trial | flavor | width | block | optimizer | lr | wd | batch | smoothing | epochs | best val acc | stopped |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for t in sorted(trials, key=lambda t: -t["best_val_acc"]):
+        lines.append(
+            f"| {t['trial_id']} | {t['flavor']} | {t['width']:g} | {t['block']} | {t['optimizer']} | {t['lr']:.3g} | "
+            f"{t['weight_decay']:.2g} | {t['batch_size']} | {t['label_smoothing']:g} | {t['epochs_run']} | "
+            f"{t['best_val_acc']:.2%} | {'at epoch %d' % t['stopped_at_epoch'] if t['stopped_early'] else 'no'} |")
+    lines += ["", "![validation accuracy per trial](val_acc.png)", "",
+              f"Selected on validation accuracy: trial `{best['trial_id']}` ({best['best_val_acc']:.2%} at its best epoch).",
+              "", "## Fine-tuning", "",
+              f"Mode `{finetune['mode']}`, {finetune['epochs']} epochs, on {finetune['data']}; "
+              "both evaluations on the same test set.", "", *_metrics_table(before, after), "",
+              "![confusion before](confusion_before.png) ![confusion after](confusion_after.png)", ""]
+    lines += [f"- {n}" for n in notes]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet_dist.checkpoint import load_checkpoint, load_model
+from resnet_dist.config import ConfigError, RunConfig
+from resnet_dist.data import prepare_dataset
+from resnet_dist.engine import build_optimizer
+from resnet_dist.finetune import FinetuneConfig, finetune_local, prepare_finetune, set_train_mode
+from resnet_dist.training import fit_local
+
+
+def tiny_cfg(data_dir, batch_size=32):
+    # 64 train images and no flip TTA: two steps per epoch keep every run well under a second.
+    return RunConfig().replace(
+        model={"flavor": "debug"}, data={"data_dir": str(data_dir), "train_subset": 64},
+        optim={"lr": 0.05, "warmup_epochs": 0.5},
+        train={"epochs": 1, "batch_size": batch_size, "eval_batch_size": 64, "eval_flip_tta": False},
+    )
+
+
+@pytest.fixture(scope="module")
+def source_path(tiny_data_dir, tmp_path_factory):
+    """best.pt of a debug model trained for one epoch on the 10-class tiny data set."""
+    run_dir = tmp_path_factory.mktemp("source_run")
+    fit_local(tiny_cfg(tiny_data_dir), run_dir)
+    return run_dir / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def three_class_dir(tmp_path_factory):
+    """A 3-class image folder (16 train / 4 test PNGs per class), prepared to Parquet."""
+    root = tmp_path_factory.mktemp("three_source")
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", 16), ("test", 4)):
+        for c, name in enumerate(("cat", "fox", "owl")):
+            class_dir = root / split / name
+            class_dir.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.normal(60 + 60 * c, 15, size=(32, 32, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(class_dir / f"{i:02d}.png")
+    out = tmp_path_factory.mktemp("three_data") / "prepared"
+    prepare_dataset(root, out, val_size=6, seed=0)
+    return out
+
+
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_test_set(summary, n_images):
+    before, after = summary["before"], summary["after"]
+    assert before["classes"] == after["classes"]
+    assert ({c: v["support"] for c, v in before["per_class"].items()}
+            == {c: v["support"] for c, v in after["per_class"].items()})
+    assert sum(map(sum, before["confusion_matrix"])) == sum(map(sum, after["confusion_matrix"])) == n_images
+
+
+def test_head_mode_keeps_backbone_and_bn_stats_bit_identical(source_path, tiny_data_dir, tmp_path):
+    source = load_checkpoint(source_path)
+    model, model_cfg, _ = prepare_finetune(source, 10, FinetuneConfig(mode="head"))
+    assert trainable(model) == {"fc.weight", "fc.bias"} and model_cfg.num_classes == 10
+
+    # reset_head=False: the head starts from the source weights, so any change is training's.
+    ft = FinetuneConfig(mode="head", reset_head=False)
+    summary = finetune_local(source_path, tiny_data_dir, tmp_path, tiny_cfg(tiny_data_dir), ft)
+    tuned = load_checkpoint(tmp_path / "best.pt")["model_state"]
+    before, after = source["model_state"], tuned
+    backbone = [k for k in before if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in backbone) and any("num_batches_tracked" in k for k in backbone)
+    for k in backbone:
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert_same_test_set(summary, 60)
+    assert json.loads((tmp_path / "finetune.json").read_text()) == summary
+    assert summary["config"]["finetune"]["mode"] == "head" and len(summary["history"]) == 1
+
+
+def test_full_mode_trains_everything_with_a_slower_backbone(source_path):
+    ft = FinetuneConfig(mode="full", backbone_lr_scale=0.25)
+    model, _, lr_scale = prepare_finetune(load_checkpoint(source_path), 10, ft)
+    assert trainable(model) == {name for name, _ in model.named_parameters()}
+    assert lr_scale("stages.0.0.conv1.weight") == 0.25 and lr_scale("fc.weight") == 1.0
+    optim = RunConfig().optim
+    optimizer = build_optimizer(model, optim, lr_scale)
+    head = {id(model.fc.weight), id(model.fc.bias)}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1   # no group mixes head and backbone
+        assert group["lr"] == pytest.approx(optim.lr * (1.0 if in_head.pop() else 0.25))
+    set_train_mode(model)
+    assert all(m.training for m in model.modules())
+
+
+def test_last_stage_mode_trains_only_the_last_stage_and_head(source_path, tiny_data_dir, tmp_path):
+    source = load_checkpoint(source_path)
+    model, _, _ = prepare_finetune(source, 10, FinetuneConfig(mode="last-stage"))
+    last = f"stages.{len(model.stages) - 1}."
+    assert trainable(model) == {n for n, _ in model.named_parameters() if n.startswith((last, "fc."))}
+    set_train_mode(model)
+    assert not model.stem[1].training and not model.stages[0][0].bn1.training
+    assert model.stages[-1][0].bn1.training
+
+    finetune_local(source_path, tiny_data_dir, tmp_path, tiny_cfg(tiny_data_dir), FinetuneConfig(mode="last-stage"))
+    tuned = load_checkpoint(tmp_path / "best.pt")["model_state"]
+    for k, v in source["model_state"].items():
+        if not k.startswith((last, "fc.")):
+            assert torch.equal(v, tuned[k]), k
+    assert not torch.equal(source["model_state"][f"{last}0.conv1.weight"], tuned[f"{last}0.conv1.weight"])
+    assert not torch.equal(source["model_state"][f"{last}0.bn1.running_mean"], tuned[f"{last}0.bn1.running_mean"])
+
+
+def test_new_class_count_resizes_head_and_checkpoint_reloads(source_path, three_class_dir, tmp_path):
+    source = load_checkpoint(source_path)
+    model, model_cfg, _ = prepare_finetune(source, 3, FinetuneConfig(reset_head=False))
+    assert model.fc.out_features == 3 and model_cfg.num_classes == 3
+
+    summary = finetune_local(source_path, three_class_dir, tmp_path, tiny_cfg(three_class_dir, batch_size=16),
+                             FinetuneConfig(mode="full"))
+    tuned, ckpt = load_model(tmp_path / "best.pt")
+    assert tuned(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert ckpt["classes"] == ["cat", "fox", "owl"] and ckpt["model_config"]["num_classes"] == 3
+    assert ckpt["mean"] == source["mean"]   # inputs normalised as the backbone was trained
+    info = ckpt["extra"]["finetune"]
+    assert info["source_checkpoint"] == str(source_path)
+    assert info["source_code_version"] == source["code_version"]
+    assert info["source_data_fingerprint"] == source["data_fingerprint"]
+    assert_same_test_set(summary, 12)
+    assert summary["before"]["classes"] == ["cat", "fox", "owl"]
+
+
+@pytest.mark.parametrize("kwargs, field", [({"mode": "all"}, "finetune.mode"),
+                                           ({"backbone_lr_scale": 0.0}, "backbone_lr_scale")])
+def test_bad_finetune_config_is_a_one_line_config_error(kwargs, field):
+    with pytest.raises(ConfigError, match=field) as err:
+        FinetuneConfig(**kwargs).validate()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        prepare_finetune({}, 10, FinetuneConfig(**kwargs))

@@ -1,0 +1,48 @@
+"""Sweep planning: pure functions of cluster/tune.py (no Ray cluster is started)."""
+
+import pytest
+
+from cluster.tune import AshaConfig, SearchSpace, plan_resources, trial_run_config
+from resnet_dist.config import ConfigError, RunConfig
+
+
+def test_cpu_trials_fit_beside_their_workers_and_ray_data():
+    r = plan_resources(workers=1, max_concurrent=4, cpus=2, gpus=0, node_cores=2)
+    # One CPU stays free for Ray Data; the rest is split among the running trials' workers.
+    assert r.max_concurrent * r.workers * r.cpus_per_worker <= 1.0
+    assert not r.use_gpu and r.data_path == "pipeline"
+    r2 = plan_resources(workers=2, max_concurrent=8, cpus=16, gpus=0, node_cores=16)
+    assert r2.max_concurrent * r2.workers * r2.cpus_per_worker <= 15
+    with pytest.raises(ConfigError, match="at least 2"):
+        plan_resources(workers=1, max_concurrent=1, cpus=1, gpus=0, node_cores=1)
+
+
+def test_gpu_trials_take_one_gpu_per_worker():
+    r = plan_resources(workers=4, max_concurrent=8, cpus=64, gpus=8, node_cores=64)
+    assert r.use_gpu and r.max_concurrent == 2 and r.data_path == "device"
+    with pytest.raises(ConfigError, match="GPUs"):
+        plan_resources(workers=4, max_concurrent=1, cpus=8, gpus=2, node_cores=8)
+
+
+def test_sample_becomes_a_valid_run_config():
+    sample = {"flavor": "resnet32", "width": 2.0, "block": "bottleneck", "optimizer": "adamw", "lr_mult": 0.5,
+              "weight_decay": 1e-4, "momentum": 0.9, "batch_size": 256, "label_smoothing": 0.1,
+              "schedule": "cosine"}
+    cfg = trial_run_config(RunConfig(), sample)
+    assert cfg.model.flavor == "resnet32" and cfg.model.block == "bottleneck"
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.train.batch_size == 256
+
+
+@pytest.mark.parametrize("space,match", [
+    (SearchSpace(flavors=()), "empty search space"),
+    (SearchSpace(flavors=("resnet7",)), "unknown model flavor"),
+    (SearchSpace(lr_mult=(2.0, 1.0)), "lr multiplier"),
+])
+def test_bad_search_spaces_are_clear_errors(space, match):
+    with pytest.raises(ConfigError, match=match):
+        space.validate()
+
+
+def test_asha_config_checks():
+    with pytest.raises(ConfigError, match="grace period"):
+        AshaConfig(max_epochs=2, grace_period=3).validate()
