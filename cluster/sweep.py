@@ -9,14 +9,12 @@ Everything lands in one sweep directory, STORAGE/NAME:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import ray
 import ray.tune as tune
 
 from cluster.progress import fit_streaming
@@ -350,3 +348,35 @@ def sweep_config_from_args(args) -> SweepConfig:
     if args.finetune_mode:
         cfg = replace(cfg, finetune=replace(cfg.finetune, mode=args.finetune_mode))
     return cfg
+
+
+def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
+    """Deploy the fine-tuned model on Ray Serve, send `probes` real test images, print
+    what came back; returns the app's URL."""
+    import io
+
+    import httpx
+    from PIL import Image
+    from rich.table import Table
+
+    from cluster.serve import ServeConfig, deploy
+    from resnet_dist.data import read_split
+
+    # Two replicas' worth of CPU is not there on a small machine; a sweep's model is small.
+    url = deploy(ServeConfig(checkpoint=str(cfg.sweep_dir), num_cpus=min(1.0, max(0.5, cluster_cpus() - 1))))
+    data_dir = cfg.sweep_dir / "finetune-data" if cfg.finetune_data else Path(cfg.data_dir)
+    test = read_split(data_dir, "test")
+    table = Table(title=f"Ray Serve at {url}: {probes} test images")
+    for col in ("image", "true class", "predicted", "probability"):
+        table.add_column(col)
+    with httpx.Client(timeout=30) as client:
+        for i in range(probes):
+            buf = io.BytesIO()
+            Image.fromarray(test.images[i]).save(buf, format="PNG")
+            r = client.post(f"{url}/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+            r.raise_for_status()
+            top = r.json()["predictions"][0]
+            table.add_row(str(i), test.classes[test.labels[i]], top["class"], f"{top['probability']:.2f}")
+    console.print(table)
+    console.print(f"try it: curl -s -X POST --data-binary @image.png -H 'content-type: image/png' {url}/v1/predict")
+    return url

@@ -9,7 +9,6 @@ what Ray needs: the config dict, the dataset shards, `prepare_model` (DDP),
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -195,7 +194,7 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     resumes from its latest checkpoint.
     """
     from cluster.progress import fit_streaming
-    from cluster.runtime import cluster_cpus, cluster_gpus, connect
+    from cluster.runtime import cluster_gpus, connect
     from resnet_dist.console import console, history_table, print_eval_report
     from resnet_dist.data import read_manifest
     from resnet_dist.training import BEST_CHECKPOINT, LAST_CHECKPOINT, evaluate_checkpoint, write_summary

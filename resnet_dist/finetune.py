@@ -26,14 +26,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
+from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, unwrap
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig, section_from_dict
-from resnet_dist.data import ImageArrays, read_manifest, read_split
-from resnet_dist.engine import EvalResult, evaluate, select_device, train_epoch
+from resnet_dist.data import read_manifest
+from resnet_dist.engine import EvalResult, evaluate, select_device
 from resnet_dist.loader import ArrayLoader
 from resnet_dist.metrics import classification_report
 from resnet_dist.models import ResNet
-from resnet_dist.training import BEST_CHECKPOINT, TrainingHooks, build_training, epoch_record, write_json
+from resnet_dist.training import (
+    BEST_CHECKPOINT, TrainingHooks, build_training, load_loaders, run_epochs, write_json,
+)
 
 FINETUNE_MODES = ("head", "full", "last-stage")
 HEAD_PREFIX = "fc."                 # parameter names of ResNet's classifier
@@ -136,19 +138,7 @@ def finetune_local(
     mean, std = source["mean"], source["std"]
     device = select_device()
 
-    train = read_split(data_dir, "train")
-    if cfg.data.train_subset:
-        train = ImageArrays(train.images[: cfg.data.train_subset], train.labels[: cfg.data.train_subset], train.classes)
-    val = read_split(data_dir, "val")
-    test = read_split(data_dir, "test")
-    if len(train.labels) < cfg.train.batch_size:
-        raise ValueError(f"train split has {len(train.labels)} images, fewer than one batch of {cfg.train.batch_size}")
-    common = {"mean": mean, "std": std, "device": device}
-    train_loader = ArrayLoader.from_numpy(train.images, train.labels, batch_size=cfg.train.batch_size, data=cfg.data,
-                                          train=True, seed=cfg.train.seed, **common)
-    val_loader = ArrayLoader.from_numpy(val.images, val.labels, batch_size=cfg.train.eval_batch_size, **common)
-    test_loader = ArrayLoader.from_numpy(test.images, test.labels, batch_size=cfg.train.eval_batch_size, **common)
-
+    train_loader, val_loader, test_loader = load_loaders(cfg, mean, std, device)
     state = build_training(cfg, model_cfg, len(train_loader), device, model=model, lr_scale=lr_scale)
 
     def evaluate_on(loader: ArrayLoader) -> EvalResult:
@@ -165,32 +155,16 @@ def finetune_local(
         "source_classes": source["classes"],
     }
     history: list[dict[str, float]] = []
-    best_acc, stale = -1.0, 0
-    for epoch in range(cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        hooks.epoch_start(epoch + 1, cfg.train.epochs, len(train_loader))
-        stats = train_epoch(state.model, train_loader, state.optimizer, state.scheduler, state.loss_fn, device,
-                            state.precision, state.scaler, cfg.train.grad_accum, on_step=hooks.step,
-                            train_mode=set_train_mode)
-        val_result = evaluate_on(val_loader)
-        # Param groups run at different rates; record the unscaled (head) rate.
-        lr = cfg.optim.lr * state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0]["initial_lr"]
-        record = epoch_record(epoch + 1, stats, val_result, lr)
-        history.append(record)
-        if val_result.accuracy > best_acc:
-            best_acc, stale = val_result.accuracy, 0
-            ckpt = build_checkpoint(
-                state.model, model_config=model_cfg, run_config=cfg.to_dict(), classes=classes, mean=mean, std=std,
-                data_fingerprint=manifest["fingerprint"], epoch=epoch + 1, metrics=record,
-                extra={"finetune": info, "history": history},
-            )
-            save_checkpoint(ckpt, run_dir / BEST_CHECKPOINT)
-        else:
-            stale += 1
-        hooks.epoch_end(record, history)
-        if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
-            break
 
+    def checkpoint(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        return build_checkpoint(
+            state.model, model_config=model_cfg, run_config=cfg.to_dict(), classes=classes, mean=mean, std=std,
+            data_fingerprint=manifest["fingerprint"], epoch=epoch, metrics=record,
+            extra={"finetune": info, "history": history},
+        )
+
+    run_epochs(state, cfg, train_loader, val_loader, len(classes), run_dir, checkpoint, history, hooks=hooks,
+               train_mode=set_train_mode)
     unwrap(state.model).load_state_dict(load_checkpoint(run_dir / BEST_CHECKPOINT)["model_state"])
     after = evaluate_on(test_loader)
     summary = {

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -138,26 +138,14 @@ def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, hooks: TrainingHooks |
     torch.manual_seed(cfg.train.seed)
     device = select_device()
 
-    train = read_split(cfg.data.data_dir, "train")
-    if cfg.data.train_subset:
-        train = type(train)(train.images[: cfg.data.train_subset], train.labels[: cfg.data.train_subset], train.classes)
-    val = read_split(cfg.data.data_dir, "val")
-    test = read_split(cfg.data.data_dir, "test")
-    if len(train.labels) < cfg.train.batch_size:
-        raise ValueError(f"train split has {len(train.labels)} images, fewer than one batch of {cfg.train.batch_size}")
-    common = {"mean": mean, "std": std, "device": device}
-    train_loader = ArrayLoader.from_numpy(train.images, train.labels, batch_size=cfg.train.batch_size, data=cfg.data, train=True, seed=cfg.train.seed, **common)
-    val_loader = ArrayLoader.from_numpy(val.images, val.labels, batch_size=cfg.train.eval_batch_size, **common)
-    test_loader = ArrayLoader.from_numpy(test.images, test.labels, batch_size=cfg.train.eval_batch_size, **common)
-
+    train_loader, val_loader, test_loader = load_loaders(cfg, mean, std, device)
     state = build_training(cfg, model_cfg, len(train_loader), device)
     history: list[dict[str, float]] = []
-    start_epoch, best_acc = 0, -1.0
+    start_epoch = 0
     if resume and (run_dir / LAST_CHECKPOINT).exists():
         ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
         start_epoch = restore_training(state, ckpt)
         history = list(ckpt["extra"].get("history", []))
-        best_acc = max((r["val_acc"] for r in history), default=-1.0)
 
     def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return build_checkpoint(
@@ -166,30 +154,64 @@ def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, hooks: TrainingHooks |
             optimizer=state.optimizer, scheduler=state.scheduler, extra={"history": history},
         )
 
+    run_epochs(state, cfg, train_loader, val_loader, len(classes), run_dir, checkpoint, history, start_epoch, hooks)
+    best = load_checkpoint(run_dir / BEST_CHECKPOINT)
+    unwrap(state.model).load_state_dict(best["model_state"])
+    test_result = evaluate(state.model, test_loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
+    return write_summary(run_dir, cfg, history, best, test_result)
+
+
+def load_loaders(cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device) -> tuple[ArrayLoader, ArrayLoader, ArrayLoader]:
+    """In-memory train (augmented, `train_subset` applied), val and test loaders of `cfg.data.data_dir`."""
+    train = read_split(cfg.data.data_dir, "train")
+    n = cfg.data.train_subset or len(train.labels)
+    if min(n, len(train.labels)) < cfg.train.batch_size:
+        raise ValueError(f"train split has {min(n, len(train.labels))} images, fewer than one batch of {cfg.train.batch_size}")
+    val = read_split(cfg.data.data_dir, "val")
+    test = read_split(cfg.data.data_dir, "test")
+    common = {"mean": mean, "std": std, "device": device}
+    return (
+        ArrayLoader.from_numpy(train.images[:n], train.labels[:n], batch_size=cfg.train.batch_size, data=cfg.data,
+                               train=True, seed=cfg.train.seed, **common),
+        ArrayLoader.from_numpy(val.images, val.labels, batch_size=cfg.train.eval_batch_size, **common),
+        ArrayLoader.from_numpy(test.images, test.labels, batch_size=cfg.train.eval_batch_size, **common),
+    )
+
+
+def run_epochs(
+    state: TrainingState, cfg: RunConfig, train_loader: ArrayLoader, val_loader: ArrayLoader, num_classes: int,
+    run_dir: Path, checkpoint: Callable[[int, dict[str, Any]], dict[str, Any]], history: list[dict[str, float]],
+    start_epoch: int = 0, hooks: TrainingHooks | None = None, train_mode: Callable[[nn.Module], None] | None = None,
+) -> list[dict[str, float]]:
+    """The one-process epoch loop: train, validate, append to `history`, write
+    `last.pt` every epoch and `best.pt` on a new best validation accuracy, stop early
+    after `early_stop_patience` epochs without one. `checkpoint(epoch, record)` builds the dict."""
+    hooks = hooks or TrainingHooks()
+    best_acc = max((r["val_acc"] for r in history), default=-1.0)
     stale = 0
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         hooks.epoch_start(epoch + 1, cfg.train.epochs, len(train_loader))
-        stats = train_epoch(state.model, train_loader, state.optimizer, state.scheduler, state.loss_fn,
-                            device, state.precision, state.scaler, cfg.train.grad_accum, on_step=hooks.step)
-        val_result = evaluate(state.model, val_loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
-        record = epoch_record(epoch + 1, stats, val_result, state.scheduler.get_last_lr()[0])
+        stats = train_epoch(state.model, train_loader, state.optimizer, state.scheduler, state.loss_fn, state.device,
+                            state.precision, state.scaler, cfg.train.grad_accum, on_step=hooks.step,
+                            train_mode=train_mode)
+        val = evaluate(state.model, val_loader, num_classes, state.device, state.precision, cfg.train.eval_flip_tta)
+        # Param groups may run at scaled rates (fine-tuning): record the unscaled one.
+        group = state.optimizer.param_groups[0]
+        record = epoch_record(epoch + 1, stats, val, cfg.optim.lr * group["lr"] / group["initial_lr"])
         history.append(record)
         ckpt = checkpoint(epoch + 1, record)
         save_checkpoint(ckpt, run_dir / LAST_CHECKPOINT)
-        if val_result.accuracy > best_acc:
-            best_acc, stale = val_result.accuracy, 0
+        if val.accuracy > best_acc:
+            best_acc, stale = val.accuracy, 0
             save_checkpoint(ckpt, run_dir / BEST_CHECKPOINT)
         else:
             stale += 1
         hooks.epoch_end(record, history)
         if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
             break
-
-    best = load_checkpoint(run_dir / BEST_CHECKPOINT)
-    unwrap(state.model).load_state_dict(best["model_state"])
-    test_result = evaluate(state.model, test_loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
-    return write_summary(run_dir, cfg, history, best, test_result)
+    return history
 
 
 def write_summary(run_dir: str | os.PathLike, cfg: RunConfig, history: list[dict[str, float]],

@@ -7,13 +7,10 @@ the same cluster also takes `ray job submit` in the submission test.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
