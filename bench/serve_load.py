@@ -1,8 +1,8 @@
 """Load test of the Serve application, on loopback (127.0.0.1) only.
 
     python bench/serve_load.py --checkpoint runs/train-X
-    python bench/serve_load.py --checkpoint runs/train-X --levels 1 4 --level-seconds 2 \\
-        --raw-seconds 1 --soak-seconds 8 --malformed 40          # smoke run, < 1 minute
+    python bench/serve_load.py --checkpoint runs/train-X --levels 1 4 --level-seconds 1 \\
+        --raw-seconds 1 --soak-seconds 5 --malformed 40          # smoke run, < 1 minute
 
 Closed-loop clients (asyncio + httpx, each sends its next request when the
 last one is answered) at rising concurrency measure throughput and p50/p95/p99
@@ -29,7 +29,6 @@ import sys
 import time
 import zlib
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -122,10 +121,11 @@ async def closed_loop(client: httpx.AsyncClient, payloads: list[bytes], concurre
     deadline = time.perf_counter() + seconds
 
     async def user(i: int) -> None:
-        while time.perf_counter() < deadline and sum(statuses.values()) < max_requests:
+        while time.perf_counter() < deadline and len(latencies) < max_requests:
             t = time.perf_counter()
             try:
-                statuses[(await client.post("/v1/predict", content=payloads[i % len(payloads)], headers=PNG)).status_code] += 1
+                r = await client.post("/v1/predict", content=payloads[i % len(payloads)], headers=PNG)
+                statuses[r.status_code] += 1
             except httpx.HTTPError:
                 statuses["transport error"] += 1
             latencies.append(time.perf_counter() - t)
@@ -200,14 +200,15 @@ def raw_throughput(checkpoint: str, images: np.ndarray, batch_size: int, threads
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
-def replica_pids(app: str) -> dict[str, int]:
-    """Live replica actors of the app: actor id -> pid (a restart shows up as a new id)."""
-    from ray.util.state import list_actors
+def replica_ids(app: str) -> set[str]:
+    """Ids of the app's live replica actors (named SERVE_REPLICA::app#deployment#id); a restart shows as a new id."""
+    import ray
 
     from cluster.serve import DEPLOYMENT_NAME
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{DEPLOYMENT_NAME}"), ("state", "=", "ALIVE")])
-    return {a.actor_id: a.pid for a in actors}
+    prefix = f"SERVE_REPLICA::{app}#{DEPLOYMENT_NAME}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
 
 
 # --------------------------------------------------------------------------- report
@@ -223,6 +224,26 @@ def level_table(title: str, rows: list[dict[str, Any]]) -> Table:
     return t
 
 
+def raw_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="(c) raw in-process inference (no HTTP, no decoding)")
+    for col in ("batch", "threads", "images/s", "p50 ms/call", "p99 ms/call"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["batch_size"]), str(r["threads"]), f"{r['images_per_s']:.0f}", f"{r['p50_ms']:.2f}",
+                  f"{r['p99_ms']:.2f}")
+    return t
+
+
+def soak_table(s: dict[str, Any], peak: float) -> Table:
+    t = Table(title=f"soak at {s['target_rps']} req/s (half of peak {peak:.1f}) for {s['seconds']} s")
+    for col in ("valid", "failed", "malformed", "unexpected", "5xx", "p50 ms", "p99 ms", "restart", "pass"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s["requests"]), str(s["errors"]), str(s["malformed"]), str(sum(s["unexpected"].values())),
+              str(s["server_errors_5xx"]), f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}", str(s["replica_restarted"]),
+              "[green]yes[/green]" if s["passed"] else "[red]NO[/red]")
+    return t
+
+
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from ray import serve
 
@@ -234,7 +255,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     connect()
     cfg = ServeConfig(checkpoint=args.checkpoint, name="serve-bench", replicas=args.replicas, num_cpus=args.num_cpus,
                       threads=args.threads, max_batch_size=args.max_batch_size,
-                      batch_wait_timeout_s=args.batch_wait_ms / 1000, host="127.0.0.1", port=args.port)
+                      batch_wait_timeout_s=args.batch_wait_ms / 1000, host="127.0.0.1", port=args.port,
+                      access_log=False)
     url = deploy(cfg)
     console.print(f"serving {args.checkpoint} at {url}; payload: {source}; {cfg.torch_threads} torch thread(s)/replica")
     result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg)}
@@ -252,30 +274,18 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             deploy(cfg)
             result["raw"] = [raw_throughput(str(cfg.checkpoint), images, b, cfg.torch_threads, args.raw_seconds)
                              for b in sorted({1, cfg.max_batch_size})]
-            raw = Table(title="(c) raw in-process inference (no HTTP, no decoding)")
-            for col in ("batch", "threads", "images/s", "p50 ms/call", "p99 ms/call"):
-                raw.add_column(col, justify="right")
-            for r in result["raw"]:
-                raw.add_row(str(r["batch_size"]), str(r["threads"]), f"{r['images_per_s']:.0f}",
-                            f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}")
-            console.print(raw)
+            console.print(raw_table(result["raw"]))
 
             peak = max(r["throughput_rps"] for r in result["batching_on"])
-            before = replica_pids(cfg.name)
+            before = replica_ids(cfg.name)
             bad = malformed_requests(cfg.max_body_bytes, cfg.max_batch_images)
             s = await soak(client, payloads, max(1.0, peak / 2), args.soak_seconds, bad, args.malformed)
-            after = replica_pids(cfg.name)
+            after = replica_ids(cfg.name)
             s["replicas_before"], s["replicas_after"] = len(before), len(after)
             s["replica_restarted"] = before != after
             s["passed"] = not s["unexpected"] and s["server_errors_5xx"] == 0 and not s["replica_restarted"]
             result["soak"] = s
-            t = Table(title=f"soak at {s['target_rps']} req/s (half of peak {peak:.1f}) for {s['seconds']} s")
-            for col in ("valid", "valid errors", "malformed", "unexpected", "5xx", "p50 ms", "p99 ms", "replica restarted", "passed"):
-                t.add_column(col, justify="right")
-            t.add_row(str(s["requests"]), str(s["errors"]), str(s["malformed"]), str(sum(s["unexpected"].values())),
-                      str(s["server_errors_5xx"]), f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}",
-                      str(s["replica_restarted"]), "[green]yes[/green]" if s["passed"] else "[red]NO[/red]")
-            console.print(t)
+            console.print(soak_table(s, peak))
             if s["unexpected"]:
                 console.print(f"unexpected statuses: {s['unexpected']}")
     finally:

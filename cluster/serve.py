@@ -9,8 +9,8 @@ values: the replicas are reconfigured, not restarted). The API, limits and
 metrics are described in docs/serving.md.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real types in the
+# endpoint signatures, which Serve rewrites for class-based views.
 import asyncio
 import dataclasses
 import hashlib
@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +83,7 @@ class ServeConfig:
     host: str = "127.0.0.1"              # HTTP proxy bind address (cluster-wide, first serve.start wins)
     port: int = 8000
     route_prefix: str = "/"
+    access_log: bool = True              # Serve's per-request log line in each replica
 
     @property
     def torch_threads(self) -> int:
@@ -302,23 +302,26 @@ class Classifier:
 
 
 def build_app(cfg: ServeConfig):
-    """The bound application for `cfg` (checkpoint already resolved to a file)."""
-    cfg = cfg.validated()
+    """The bound Serve application for `cfg`, its checkpoint resolved to an absolute file path."""
+    cfg = dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint).resolve())).validated()
     autoscale = cfg.max_replicas > cfg.replicas
-    # An explicit version keeps replicas alive across redeploys that change only
-    # the live fields (Serve then calls reconfigure); anything else restarts them.
-    heavy = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LIVE_FIELDS + SCALING_FIELDS}
-    version = hashlib.sha256(json.dumps({**heavy, "checkpoint_id": checkpoint_id(cfg.checkpoint)},
-                                        sort_keys=True).encode()).hexdigest()[:16]
-    return Classifier.options(
-        version=version,
+    deployment = Classifier.options(
         num_replicas=None if autoscale else cfg.replicas,
         autoscaling_config={"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests} if autoscale else None,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         user_config=cfg.user_config(),
-    ).bind(cfg)
+        logging_config={"enable_access_log": cfg.access_log},
+    )
+    # serve.run gives every deploy a random code version, which replaces all
+    # replicas. Pinning the version to a hash of everything but the live and
+    # scaling fields (as Serve's config-file deploys do, via the private
+    # `_internal` flag) makes a batching-only change a reconfigure() call.
+    heavy = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LIVE_FIELDS + SCALING_FIELDS}
+    version = hashlib.sha256(json.dumps({**heavy, "checkpoint_id": checkpoint_id(cfg.checkpoint)},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    return deployment.options(version=version, _internal=True).bind(cfg)
 
 
 def deploy(cfg: ServeConfig) -> str:
@@ -326,15 +329,10 @@ def deploy(cfg: ServeConfig) -> str:
 
     The checkpoint path must be readable at the same path on every node that runs a replica.
     """
-    cfg = dataclasses.replace(cfg, checkpoint=str(Path(resolve_checkpoint(cfg.checkpoint)).resolve())).validated()
+    application = build_app(cfg)   # validates and resolves before anything starts
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(application, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
     # HTTP options are cluster-wide and fixed by the first serve.start: report the proxy actually running.
     http = serve.context._get_global_client().http_config
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     return f"http://{host}:{http.port}{cfg.route_prefix.rstrip('/')}"
-
-
-def undeploy(name: str = ServeConfig.name) -> None:
-    """Delete the application (Serve itself keeps running)."""
-    serve.delete(name)

@@ -25,10 +25,11 @@ from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, RunConfig
 from resnet_dist.data import prepare_dataset, read_manifest
 from resnet_dist.finetune import FinetuneConfig
+from resnet_dist.inference import SWEEP_FINETUNED
 from resnet_dist.report import write_report
 from resnet_dist.training import evaluate_checkpoint, write_json
 
-FINETUNED_CHECKPOINT = "finetuned.pt"   # also what cluster/serve.py looks for in a sweep directory
+FINETUNED_CHECKPOINT = SWEEP_FINETUNED[-1]   # what serving looks for in a sweep directory
 SELECTED_CHECKPOINT = "best.pt"
 
 
@@ -265,8 +266,9 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
         prepare_dataset(cfg.finetune_data, ft_data, val_size=_val_size(cfg.finetune_data))
     before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
     tuned = finetune_distributed(cfg, sweep_dir / SELECTED_CHECKPOINT, ft_data, resources, console)
-    save_checkpoint(tuned, sweep_dir / FINETUNED_CHECKPOINT)
     after = evaluate_checkpoint(tuned, ft_data, "test")
+    tuned["metrics"]["test_acc"] = after.accuracy   # serving reports it (GET /v1/model)
+    save_checkpoint(tuned, sweep_dir / FINETUNED_CHECKPOINT)
 
     from resnet_dist.metrics import classification_report
 

@@ -234,9 +234,10 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
         best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     with result.checkpoint.as_directory() as d:
         last = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    save_checkpoint(best, run_path / BEST_CHECKPOINT)
     save_checkpoint(last, run_path / LAST_CHECKPOINT)
     test = evaluate_checkpoint(best, cfg.data.data_dir, "test", flip_tta=cfg.train.eval_flip_tta)
+    best["metrics"]["test_acc"] = test.accuracy   # serving reports it (GET /v1/model)
+    save_checkpoint(best, run_path / BEST_CHECKPOINT)
     summary = write_summary(run_path, cfg, last["extra"]["history"], best, test)
     print_eval_report(summary["test"], "test (best val checkpoint)")
     return summary

@@ -158,6 +158,8 @@ def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, hooks: TrainingHooks |
     best = load_checkpoint(run_dir / BEST_CHECKPOINT)
     unwrap(state.model).load_state_dict(best["model_state"])
     test_result = evaluate(state.model, test_loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
+    best["metrics"]["test_acc"] = test_result.accuracy   # serving reports it (GET /v1/model)
+    save_checkpoint(best, run_dir / BEST_CHECKPOINT)
     return write_summary(run_dir, cfg, history, best, test_result)
 
 

@@ -8,9 +8,13 @@ the same cluster also takes `ray job submit` in the submission test.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +42,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
+    # processes, so teardown stops them and not a Ray the developer runs beside the tests.
+    temp_dir = tempfile.mkdtemp(prefix="rdt-", dir="/tmp")
     start = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats"],
+         f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, capture_output=True, text=True, timeout=180,
     )
     if start.returncode != 0:
@@ -56,12 +63,37 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _stop_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names `temp_dir`."""
+    def pids() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                        found.append(int(proc.name))
+                except OSError:
+                    pass
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while pids() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 def _node_ip(stdout: str) -> str | None:

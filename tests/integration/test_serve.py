@@ -69,7 +69,7 @@ def served(ray_driver, run_dir: Path):
     from cluster.serve import ServeConfig, deploy
 
     cfg = ServeConfig(checkpoint=str(run_dir), name="serve-test", num_cpus=1, threads=1,
-                      max_batch_size=8, batch_wait_timeout_s=0.05, port=free_port())
+                      max_batch_size=8, batch_wait_timeout_s=0.05, port=free_port(), access_log=False)
     url = deploy(cfg)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield cfg, client

@@ -95,12 +95,14 @@ def test_two_workers_stay_in_sync_and_report_what_the_checkpoint_scores(ray_driv
 def test_resume_after_the_driver_is_killed(ray_driver, real_cifar_dir, tmp_path):
     run_dir = tmp_path / "resume"
     args = ["--epochs", "3", "--train-subset", "2000", "--batch-size", "100", "--max-failures", "0"]
-    proc = subprocess.Popen(train_cmd(real_cifar_dir, run_dir, *args), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "first-run.log", "w")
+    proc = subprocess.Popen(train_cmd(real_cifar_dir, run_dir, *args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.time() + 300
     # The driver logs a report once Ray Train registered its checkpoint.
-    while time.time() < deadline and _count_reports(run_dir) < 2:
+    while time.time() < deadline and _count_reports(run_dir) < 2 and proc.poll() is None:
         time.sleep(0.5)
+    assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)   # the driver and its children, mid-run
     proc.wait()
     assert list(run_dir.glob("checkpoint_epoch_0002")), "epoch 2 was never checkpointed"
