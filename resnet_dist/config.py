@@ -50,7 +50,7 @@ class OptimConfig:
     wd_skip_bn_bias: bool = True      # no weight decay on BN parameters and biases
     label_smoothing: float = 0.1
     schedule: str = "onecycle"        # "onecycle" | "cosine" | "step" | "constant"
-    warmup_epochs: float = 0.6        # linear warm-up length (onecycle/cosine), epochs
+    warmup_epochs: float = 0.5        # linear warm-up length (onecycle/cosine), epochs
     final_lr_fraction: float = 0.0    # lr at the end of onecycle/cosine, as a fraction of `lr`
     step_milestones: tuple[int, ...] = (50, 75)  # epochs at which "step" multiplies lr by gamma
     step_gamma: float = 0.1
@@ -59,7 +59,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 4
-    batch_size: int = 256             # global batch (all workers together), images
+    # Global batch (all workers together), images. 128 measured best for 4 epochs of
+    # ResNet-20 on 2 CPU cores (README: 76.9% vs 75.6% at 64 and 71.5% at 256).
+    batch_size: int = 128
     grad_accum: int = 1               # micro-batches accumulated per optimizer step
     seed: int = 0
     amp: str = "auto"                 # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"

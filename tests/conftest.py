@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Ray reads its auth mode once, when it is first imported (collection imports it),
+# and the integration cluster is a `ray start --head` with token authentication.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 import numpy as np
 import pytest

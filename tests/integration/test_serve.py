@@ -4,6 +4,7 @@ gets its documented 4xx without hurting the server, batching is reconfigured liv
 from __future__ import annotations
 
 import base64
+import json
 import dataclasses
 import io
 import time
@@ -143,7 +144,8 @@ def test_model_health_and_docs(served, run_dir) -> None:
     cfg, client = served
     model = client.get("/v1/model").json()
     assert model["flavor"] == "debug" and len(model["classes"]) == 10
-    assert model["test_accuracy"] is None   # training checkpoints record validation metrics only
+    # The trainer records the best checkpoint's test accuracy in it (metrics.json holds the same figure).
+    assert model["test_accuracy"] == json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
     assert model["checkpoint_id"] == checkpoint_id(resolve_checkpoint(run_dir))
     assert model["data_fingerprint"].startswith("sha256:") and model["code_version"]
     assert model["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}

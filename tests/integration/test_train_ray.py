@@ -118,8 +118,10 @@ def test_resume_after_the_driver_is_killed(ray_driver, real_cifar_dir, tmp_path)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     cfg = RunConfig.from_dict(load_checkpoint(run_dir / "last.pt")["run_config"])
     steps = 2000 // 100
-    # The scheduler continued, not restarted: lr after epoch 3 is the schedule's value at step 3*steps.
-    assert last["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, 3 * steps - 1, steps, 3), rel=1e-6)
+    # The scheduler continued, not restarted: after epoch 3 the lr is the schedule's value at step
+    # 3*steps (the end of the decay), not its value 1*steps into a fresh schedule.
+    assert last["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, 3 * steps, steps, 3), abs=1e-9)
+    assert lr_factor(cfg.optim, steps, steps, 3) > 0.1
     assert history[2]["train_loss"] < history[0]["train_loss"]   # continuous: no jump back to a fresh model
 
 
@@ -158,13 +160,13 @@ def test_ray_job_submit_runs_the_training_job(ray_cluster, tiny_data_dir, tmp_pa
         env=ray_cluster.env, capture_output=True, text=True, timeout=400,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "SUCCEEDED" in submit.stdout + submit.stderr
+    assert "succeeded" in (submit.stdout + submit.stderr).lower()
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["history"][0]["epoch"] == 1 and (run_dir / "best.pt").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--workers", "3"], "3 workers need 3 CPUs"),
+    (["--workers", "3", "--batch-size", "96"], "3 workers need 3 CPUs"),
     (["--batch-size", "33"], "not divisible by 2 workers"),
 ])
 def test_bad_configs_fail_before_any_worker_starts(ray_driver, tiny_data_dir, tmp_path, args, message):
