@@ -93,15 +93,19 @@ def main() -> None:
         train={"epochs": args.epochs, "batch_size": args.batch_size},
     )
     cores = os.cpu_count() or 1
+    # Each figure is printed as soon as it is measured, so a run cut short still reports.
     rows = {"(a) plain PyTorch, 1 process": plain_loop(cfg, cores)}
+    print(json.dumps({"row": "(a)", **rows["(a) plain PyTorch, 1 process"]}), flush=True)
     t0 = time.perf_counter()
     connect()
     init_s = time.perf_counter() - t0
     startup_s = trivial_fit_seconds(args.storage)
+    print(json.dumps({"ray_init_s": init_s, "trivial_fit_s": startup_s}), flush=True)
     for workers in (1, 2):
         for path in ("pipeline", "device"):
             label = f"({'b' if workers == 1 else 'c'}) Ray Train, {workers} worker{'s' if workers > 1 else ''}, {path}"
             rows[label] = ray_run(cfg, workers, max(1, cores // workers), path, f"bench-{workers}-{path}-{time.time_ns()}", args.storage)
+            print(json.dumps({"row": label, **rows[label]}), flush=True)
 
     base = rows["(a) plain PyTorch, 1 process"]["images_per_s"]
     table = Table(title=f"{args.model}, global batch {args.batch_size}, {args.subset} images/epoch, {cores} cores")
