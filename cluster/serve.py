@@ -1,7 +1,9 @@
 """The Ray Serve application: a ResNet classifier behind a FastAPI ingress.
 
 `deploy(ServeConfig(checkpoint=...))` runs it on the current Ray connection and
-returns its base URL. Requests are validated and decoded in the request
+returns its base URL; `app_builder` builds the same application for a Serve
+config file (`import_path: cluster.serve:app_builder`, as in
+k8s/rayservice.yaml). Requests are validated and decoded in the request
 handler, so bad input never reaches the model; valid images are grouped by
 `@serve.batch`, whose max batch size and wait timeout come from the
 deployment's `user_config` and can be changed live (`deploy` again with new
@@ -322,6 +324,28 @@ def build_app(cfg: ServeConfig):
     version = hashlib.sha256(json.dumps({**heavy, "checkpoint_id": checkpoint_id(cfg.checkpoint)},
                                         sort_keys=True).encode()).hexdigest()[:16]
     return deployment.options(version=version, _internal=True).bind(cfg)
+
+
+# Fields that only `deploy` uses; a Serve config file sets them itself (http_options, route_prefix, name).
+DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix")
+
+
+def app_builder(args: dict):
+    """The application for a Serve config file (`import_path: cluster.serve:app_builder`,
+    e.g. a KubeRay RayService's serveConfigV2): `args` holds ServeConfig fields, at least
+    `checkpoint`. The config's own `user_config` for the Classifier deployment, where
+    given, replaces the batching settings built here.
+
+    (`args: dict`, not `dict[str, Any]`: Serve checks whether the annotation is a
+    pydantic model, which a generic alias breaks on Python 3.10.)
+    """
+    allowed = [f.name for f in dataclasses.fields(ServeConfig) if f.name not in DEPLOY_ONLY_FIELDS]
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown serve argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    if "checkpoint" not in args:
+        raise ConfigError("serve arguments need `checkpoint` (a checkpoint file, run dir or sweep dir)")
+    return build_app(ServeConfig(**args))
 
 
 def deploy(cfg: ServeConfig) -> str:

@@ -102,11 +102,13 @@ def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, 
             raise ConfigError(f"{workers} GPU workers per trial, but the cluster has {gpus:g} GPUs")
         cpus_per_worker = max(1.0, math.floor((cpus - 1) / (concurrent * workers))) if cpus > 1 else 1.0
         return TrialResources(workers, True, cpus_per_worker, int(cpus_per_worker), concurrent, "device")
-    spare = cpus - 1.0   # one CPU for Ray Data's read/augment tasks
+    spare = cpus - 1.0   # one whole CPU for Ray Data's read/augment tasks (each asks for 1)
     if spare <= 0:
         raise ConfigError(f"the Ray cluster has {cpus:g} CPUs; a CPU sweep needs at least 2")
     concurrent = max(1, min(max_concurrent, int(spare // (0.5 * workers))))
-    cpus_per_worker = min(1.0, spare / (concurrent * workers))
+    # The trials' own driver slivers come out of the workers' share, not Ray Data's:
+    # were Ray Data left 0.99 CPU, its 1-CPU read tasks could never be scheduled.
+    cpus_per_worker = min(1.0, (spare - concurrent * TRIAL_DRIVER_CPUS) / (concurrent * workers))
     threads = max(1, node_cores // (concurrent * workers))
     return TrialResources(workers, False, cpus_per_worker, threads, concurrent, "pipeline")
 
@@ -145,12 +147,14 @@ def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, n
     path = str(Path(storage) / name)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    searcher = tune.search.BasicVariantGenerator(random_state=seed)
+    # Tune ignores max_concurrent_trials for a generator passed in, so the generator caps it itself:
+    # without the cap, trials start beyond what the cluster fits and their workers wait forever.
+    searcher = tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=resources.max_concurrent)
     return tune.Tuner(
         trainable,
         param_space={**space.param_space(), "plan": plan},
         tune_config=tune.TuneConfig(
-            metric="val_acc", mode="max", num_samples=num_samples, max_concurrent_trials=resources.max_concurrent,
+            metric="val_acc", mode="max", num_samples=num_samples,
             search_alg=searcher,
             scheduler=ASHAScheduler(time_attr="epoch", max_t=asha.max_epochs, grace_period=asha.grace_period,
                                     reduction_factor=asha.reduction_factor),

@@ -2,17 +2,18 @@
 
 import pytest
 
-from cluster.tune import AshaConfig, SearchSpace, plan_resources, trial_run_config
+from cluster.tune import TRIAL_DRIVER_CPUS, AshaConfig, SearchSpace, plan_resources, trial_run_config
 from resnet_dist.config import ConfigError, RunConfig
 
 
 def test_cpu_trials_fit_beside_their_workers_and_ray_data():
     r = plan_resources(workers=1, max_concurrent=4, cpus=2, gpus=0, node_cores=2)
-    # One CPU stays free for Ray Data; the rest is split among the running trials' workers.
-    assert r.max_concurrent * r.workers * r.cpus_per_worker <= 1.0
+    # One whole CPU stays free for Ray Data; the rest is split among the running trials' workers
+    # and the trials' own driver functions.
+    assert r.max_concurrent * (r.workers * r.cpus_per_worker + TRIAL_DRIVER_CPUS) <= 1.0
     assert not r.use_gpu and r.data_path == "pipeline"
     r2 = plan_resources(workers=2, max_concurrent=8, cpus=16, gpus=0, node_cores=16)
-    assert r2.max_concurrent * r2.workers * r2.cpus_per_worker <= 15
+    assert r2.max_concurrent * (r2.workers * r2.cpus_per_worker + TRIAL_DRIVER_CPUS) <= 15
     with pytest.raises(ConfigError, match="at least 2"):
         plan_resources(workers=1, max_concurrent=1, cpus=1, gpus=0, node_cores=1)
 
