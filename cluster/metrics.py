@@ -7,11 +7,46 @@ lists them), so the names scraped are e.g. `ray_resnet_dist_train_images_per_sec
 
 from __future__ import annotations
 
+import threading
+import time
+
 from ray.util.metrics import Counter, Gauge
 
 from resnet_dist.engine import EpochStats
 
 TRAIN_TAGS = ("run", "trial", "rank")
+# Ray 2.60 evicts a gauge series that was not set again within two metric export
+# intervals (2 x max(metrics_report_interval_ms, 1 s); 20 s by default), so a value set
+# once per epoch (minutes) or once at start-up would be missing from most scrapes.
+# Its last value is re-set this often, in s: under the shortest possible TTL (2 s).
+GAUGE_REFRESH_S = 1.0
+
+
+class GaugeKeeper:
+    """Sets gauges and keeps re-setting their last values from a daemon thread, so
+    they stay in the scrape between updates (and vanish with the process)."""
+
+    def __init__(self, period_s: float = GAUGE_REFRESH_S) -> None:
+        self._last: dict[tuple[int, tuple], tuple[Gauge, float, dict]] = {}
+        self._lock = threading.Lock()
+        self._period_s = period_s
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Gauge, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags=tags)
+        with self._lock:
+            self._last[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._refresh, name="gauge-keeper", daemon=True)
+                self._thread.start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(self._period_s)
+            with self._lock:
+                held = list(self._last.values())
+            for gauge, value, tags in held:
+                gauge.set(value, tags=tags)
 
 
 class TrainMetrics:
@@ -31,17 +66,18 @@ class TrainMetrics:
         self.train_accuracy = gauge("train_accuracy", "training accuracy of the last epoch, 0..1")
         self.val_accuracy = gauge("val_accuracy", "validation accuracy after the last epoch, 0..1")
         self.epochs = Counter("resnet_dist_train_epochs", description="epochs completed", tag_keys=TRAIN_TAGS)
+        self.keeper = GaugeKeeper()
 
     def observe_epoch(self, stats: EpochStats, record: dict[str, float]) -> None:
-        t = self.tags
+        t, keep = self.tags, self.keeper.set
         # Per-rank throughput: this rank's share of the global images.
-        self.images_per_second.set(stats.images_per_second / max(1, _world()), tags=t)
-        self.step_seconds.set(stats.step_seconds, tags=t)
-        self.data_wait_seconds.set(stats.data_wait_seconds / max(1, stats.steps), tags=t)
-        self.epoch_seconds.set(stats.seconds, tags=t)
-        self.loss.set(stats.loss, tags=t)
-        self.train_accuracy.set(stats.accuracy, tags=t)
-        self.val_accuracy.set(record["val_acc"], tags=t)
+        keep(self.images_per_second, stats.images_per_second / max(1, _world()), t)
+        keep(self.step_seconds, stats.step_seconds, t)
+        keep(self.data_wait_seconds, stats.data_wait_seconds / max(1, stats.steps), t)
+        keep(self.epoch_seconds, stats.seconds, t)
+        keep(self.loss, stats.loss, t)
+        keep(self.train_accuracy, stats.accuracy, t)
+        keep(self.val_accuracy, record["val_acc"], t)
         self.epochs.inc(1, tags=t)
 
 

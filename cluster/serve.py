@@ -32,6 +32,7 @@ from ray import serve
 from ray.util.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.metrics import GaugeKeeper
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
@@ -235,8 +236,10 @@ class Classifier:
         self.predictor = load_predictor(cfg.checkpoint)
         self.metrics = ServeMetrics.create()
         app.state.metrics = self.metrics
-        self.metrics.model_info.set(1, tags={"version": self.predictor.version,
-                                             "flavor": self.predictor.ckpt["model_config"]["flavor"]})
+        # Kept set: Ray drops a gauge that is not set again within ~20 s (cluster/metrics.py).
+        self.gauges = GaugeKeeper()
+        self.gauges.set(self.metrics.model_info, 1, {"version": self.predictor.version,
+                                                     "flavor": self.predictor.ckpt["model_config"]["flavor"]})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))

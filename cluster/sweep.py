@@ -51,6 +51,9 @@ class SweepConfig:
     finetune_data: str = ""         # "" = CIFAR-10 (train+val); else an image folder/archive with its own classes
     finetune_subset: int = 0
     serve: bool = False
+    # "pipeline": Ray Data augments every epoch; "device": each worker reads its shard once and
+    # augments it with torch in the training process; "auto": device on GPUs, pipeline on CPUs.
+    data_path: str = "auto"
 
     @property
     def sweep_dir(self) -> Path:
@@ -65,12 +68,17 @@ PRESETS: dict[str, SweepConfig] = {
         finetune=FinetuneConfig(mode="head"), finetune_epochs=1, finetune_lr=0.05,
     ),
     # The README default: real CIFAR-10 on 2 CPU cores in <= 15 min for the whole pipeline.
+    # The sweep is short (ASHA over 10,000-image epochs); fine-tuning continues the selected
+    # model over all of train+val (same classes, so its head is kept) at a lower peak lr.
+    # Device-side augmentation: on 2 cores it trains at the plain loop's speed, the Ray Data
+    # augmenting pipeline at about 0.55x (bench/train_throughput.py, docs/benchmarks.md).
     "local": SweepConfig(
         space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd", "adamw"), lr_mult=(0.5, 2.0),
                           batch_sizes=(128,), label_smoothing=(0.0, 0.1)),
-        asha=AshaConfig(max_epochs=3, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
-        train_subset=20000, finetune=FinetuneConfig(mode="full"), finetune_epochs=1, finetune_lr=0.02,
-        finetune_subset=20000, serve=True,
+        asha=AshaConfig(max_epochs=2, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
+        train_subset=10000, data_path="device",
+        finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=0.5), finetune_epochs=2,
+        finetune_lr=0.1, finetune_subset=0, serve=True,
     ),
     # A GPU cluster: several workers per trial, deeper and wider nets, 30 epochs.
     "cluster": SweepConfig(
@@ -89,13 +97,18 @@ def validate(cfg: SweepConfig) -> None:
     cfg.space.validate()
     cfg.asha.validate()
     cfg.finetune.validate()
+    if cfg.data_path not in ("auto", "pipeline", "device"):
+        raise ConfigError(f"--data-path must be auto, pipeline or device, got {cfg.data_path!r}")
     if cfg.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
     read_manifest(cfg.data_dir)
     if cfg.finetune_data and not Path(cfg.finetune_data).exists():
         raise ConfigError(f"fine-tuning data {cfg.finetune_data} does not exist")
-    if "://" not in cfg.storage:
-        _check_writable(Path(cfg.storage).resolve())
+    if "://" in cfg.storage:
+        # The report, best.pt and the fine-tuning read and write the sweep directory as files.
+        raise ConfigError(f"--storage {cfg.storage}: URIs are not supported yet; mount the bucket or file "
+                          "share (NFS, a CSI driver) and pass its path")
+    _check_writable(Path(cfg.storage).resolve())
 
 
 def _check_writable(path: Path) -> None:
@@ -241,6 +254,8 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     manifest = read_manifest(cfg.data_dir)
     resources = plan_resources(cfg.workers_per_trial, cfg.max_concurrent, cluster_cpus(), cluster_gpus(),
                                os.cpu_count() or 1)
+    if cfg.data_path != "auto":
+        resources = replace(resources, data_path=cfg.data_path)
     base = base_run_config(cfg)
     plan = {"base": base.to_dict(), "manifest": manifest, "resources": asdict(resources), "name": cfg.name,
             "train_storage": str(sweep_dir / "train")}
@@ -313,7 +328,7 @@ def add_sweep_args(p) -> None:
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="local", help="base settings (default: %(default)s)")
     a("--name", help="sweep name: the directory under --storage; re-running the same name resumes it")
-    a("--storage", help="where sweeps live: a local dir or NFS mount (default: runs)")
+    a("--storage", help="where sweeps live: a local dir or a shared mount (NFS, a mounted bucket); default: runs")
     a("--data", dest="data_dir", help="prepared Parquet data (default: data/cifar10)")
     a("--num-samples", type=int, help="trials to sample")
     a("--max-epochs", type=int, help="ASHA max_t: epochs of a trial never stopped")
@@ -323,6 +338,8 @@ def add_sweep_args(p) -> None:
     a("--max-concurrent", type=int, help="upper bound on trials at once (the cluster may allow fewer)")
     a("--train-subset", type=int, help="train images per epoch in the sweep (0 = all)")
     a("--seed", type=int, help="seed of the search")
+    a("--data-path", choices=["auto", "pipeline", "device"],
+      help="augment in the Ray Data pipeline, or on each worker's device after one read (auto: device on GPUs)")
     for name, kind in (("flavors", str), ("widths", float), ("blocks", str), ("optimizers", str),
                        ("momentum", float), ("batch-sizes", int), ("label-smoothing", float), ("schedules", str)):
         a(f"--{name}", nargs="+", type=kind, help=f"search space: {name} to choose from")
@@ -339,7 +356,7 @@ def add_sweep_args(p) -> None:
 def sweep_config_from_args(args) -> SweepConfig:
     cfg = PRESETS[args.preset]
     top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
-                                         "max_concurrent", "train_subset", "seed", "finetune_epochs", "finetune_lr",
+                                         "max_concurrent", "train_subset", "seed", "data_path", "finetune_epochs", "finetune_lr",
                                          "finetune_data", "finetune_subset", "serve") if getattr(args, k) is not None}
     space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",
                                                    "batch_sizes", "label_smoothing", "schedules", "lr_mult",

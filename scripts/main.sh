@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, prepare the real CIFAR-10, train.
+# The main job on a fresh machine: set up .venv, convert the real CIFAR-10 to
+# Parquet, start a local Ray cluster (`ray start --head`, token auth) unless one
+# is running, and submit the whole sweep to it with the `local` preset:
+# ASHA sweep -> fine-tune the best -> report -> the model on Ray Serve.
+# Extra arguments go to jobs/sweep.py (e.g. --preset smoke, --name my-sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/prepare_cifar10.sh
-exec .venv/bin/python jobs/train.py --local --preset quick "$@"
+source .venv/bin/activate          # the cluster's workers run this Python
+export RAY_AUTH_MODE=token         # `ray start --head` enables token auth; CLI clients need this
+if ! ray status >/dev/null 2>&1; then
+  ray start --head --dashboard-host 127.0.0.1 --metrics-export-port 8080 --disable-usage-stats
+fi
+# Absolute paths: the job runs in a copy of this checkout (--working-dir), without data/ and runs/.
+exec ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+  python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@"

@@ -39,7 +39,8 @@ class LocalCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"}
+    # Metrics exported every 2 s (default 10 s), so a scrape sees short test runs' metrics.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1", "RAY_metrics_report_interval_ms": "2000"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
@@ -110,3 +111,28 @@ def ray_driver(ray_cluster: LocalCluster):
 
     connect()
     return ray_cluster
+
+
+def dashboard_metrics() -> dict[str, dict]:
+    """The metrics the Grafana dashboard queries (k8s/grafana/metrics.yaml): base name -> kind, labels."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "metrics.yaml").read_text())
+    return {spec["prefix"] + name: m for name, m in spec["metrics"].items()}
+
+
+SERIES_SUFFIX = {"gauge": "", "counter": "_total", "histogram": "_bucket"}
+
+
+def scraped_names(metrics_port: int) -> set[str]:
+    """Names of the series Ray's Prometheus endpoint of this node serves now."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def missing_dashboard_series(seen: set[str], serve: bool) -> list[str]:
+    """The dashboard's serving (or else training) metrics of which no series was seen."""
+    return [name for name, m in dashboard_metrics().items()
+            if ("_serve_" in name) == serve and name + SERIES_SUFFIX[m["kind"]] not in seen]

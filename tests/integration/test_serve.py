@@ -24,7 +24,7 @@ from resnet_dist.data import read_split
 from resnet_dist.engine import Precision, predict_logits
 from resnet_dist.inference import checkpoint_id, resolve_checkpoint
 from resnet_dist.training import fit_local
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, missing_dashboard_series, scraped_names
 from tests.unit.test_serve_inputs import png_header_only
 
 pytestmark = pytest.mark.integration
@@ -188,3 +188,5 @@ def test_metrics_reach_prometheus(served, ray_cluster) -> None:
     assert any('route="/v1/predict"' in ln and 'status="200"' in ln for ln in lines), lines
     assert any('status="400"' in ln for ln in lines), lines
     assert all(name in text for name in wanted)
+    # Every serving metric the Grafana dashboard queries is among them.
+    assert not missing_dashboard_series(scraped_names(ray_cluster.metrics_port), serve=True)

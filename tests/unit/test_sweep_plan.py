@@ -1,9 +1,14 @@
 """Sweep planning: pure functions of cluster/tune.py (no Ray cluster is started)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from cluster.tune import TRIAL_DRIVER_CPUS, AshaConfig, SearchSpace, plan_resources, trial_run_config
 from resnet_dist.config import ConfigError, RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cpu_trials_fit_beside_their_workers_and_ray_data():
@@ -47,3 +52,35 @@ def test_bad_search_spaces_are_clear_errors(space, match):
 def test_asha_config_checks():
     with pytest.raises(ConfigError, match="grace period"):
         AshaConfig(max_epochs=2, grace_period=3).validate()
+
+
+def _sweep_main():
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--flavors", "resnet7"], "unknown model flavor 'resnet7'"),
+    (["--lr-mult", "2", "1"], "lr multiplier range"),
+    (["--grace-period", "5", "--max-epochs", "2"], "grace period 5"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--data", "/nonexistent/cifar"], "manifest.json"),
+    (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
+])
+def test_sweep_bad_options_are_one_line_before_any_trial(args, message, tiny_data_dir, capsys):
+    main = _sweep_main()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tiny_data_dir), *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
+    assert message in err
+
+
+def test_sweep_storage_that_is_not_writable_is_refused(tiny_data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        _sweep_main()(["--data", str(tiny_data_dir), "--storage", str(blocker / "sweeps")])
+    assert "is not writable" in capsys.readouterr().err

@@ -1,0 +1,190 @@
+"""The main job on the shared real Ray cluster: a `smoke` ASHA sweep whose driver is
+SIGKILLed after two trials finished and then re-run (resume), fine-tuning in `full`
+mode on a 3-class image folder made here, the report, and `head` fine-tuning of the
+selected checkpoint on Ray Train."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet_dist.checkpoint import load_checkpoint
+from tests.integration.conftest import missing_dashboard_series, scraped_names
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+THREE_CLASSES = ("disc", "ring", "square")
+
+
+def make_three_class_folder(root: Path) -> Path:
+    """train/ and test/ PNGs of three shapes under noise: a user's own small data set."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:32, :32]
+    r = np.hypot(yy - 15.5, xx - 15.5)
+    masks = {"disc": r < 9, "ring": (r > 6) & (r < 11), "square": (abs(yy - 15.5) < 8) & (abs(xx - 15.5) < 8)}
+    for split, n in (("train", 60), ("test", 8)):
+        for name in THREE_CLASSES:
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = 60 + 140 * masks[name][..., None] + rng.normal(0, 20, (32, 32, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:02d}.png")
+    return root
+
+
+def sweep_cmd(data_dir: Path, storage: Path, folder: Path) -> list[str]:
+    return [sys.executable, "jobs/sweep.py", "--preset", "smoke", "--name", "smoke", "--storage", str(storage),
+            "--data", str(data_dir), "--finetune-mode", "full", "--finetune-data", str(folder), "--finetune-epochs", "3"]
+
+
+def tune_trials(tune_dir: Path) -> dict[str, dict]:
+    """Trial id -> Tune's own saved view of it (status, last result), from the newest experiment state."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):   # being rewritten
+        return {}
+    trials = {}
+    for state, meta in data["trial_data"]:
+        state = json.loads(state) if isinstance(state, str) else state
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        trials[state["trial_id"]] = {"status": state["status"], "last_result": meta.get("last_result", {})}
+    return trials
+
+
+def result_rows(tune_dir: Path) -> dict[str, list[dict]]:
+    """Trial id -> every result row Tune logged for it (one per epoch run)."""
+    out = {}
+    for f in tune_dir.glob("trial_fn_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tiny_data_dir, tmp_path_factory):
+    """The smoke sweep, killed once after two finished trials and resumed to the end. While it
+    runs, the names of the series on Ray's metrics endpoint are collected."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    folder = make_three_class_folder(tmp / "shapes")
+    storage = tmp / "runs"
+    tune_dir = storage / "smoke" / "tune"
+    scraped: set[str] = set()
+
+    def start(log_name: str) -> subprocess.Popen:
+        return subprocess.Popen(sweep_cmd(tiny_data_dir, storage, folder), cwd=REPO,
+                                stdout=open(tmp / log_name, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    proc = start("first-run.log")
+    deadline = time.time() + 400
+    finished: dict[str, dict] = {}
+    while time.time() < deadline and proc.poll() is None:
+        scraped |= scraped_names(ray_cluster.metrics_port)
+        finished = {t: s for t, s in tune_trials(tune_dir).items() if s["status"] == "TERMINATED"}
+        if len(finished) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, (tmp / "first-run.log").read_text()[-3000:]
+    assert len(finished) >= 2, "two trials never finished in time"
+    before_kill = {t: rows for t, rows in result_rows(tune_dir).items() if t in finished}
+    os.killpg(proc.pid, signal.SIGKILL)   # the sweep driver and its children
+    proc.wait()
+    time.sleep(5)   # let Ray reap the dead driver's trial actors
+
+    proc = start("second-run.log")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        scraped |= scraped_names(ray_cluster.metrics_port)
+        time.sleep(0.5)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp / "second-run.log").read_text()
+    assert proc.wait() == 0, out[-5000:]
+    return {"dir": storage / "smoke", "tune_dir": tune_dir, "finished_before_kill": before_kill, "stdout": out,
+            "scraped": scraped}
+
+
+def test_finished_trials_are_not_rerun_after_the_driver_is_killed(sweep):
+    after = result_rows(sweep["tune_dir"])
+    assert len(after) >= 4
+    for trial_id, rows in sweep["finished_before_kill"].items():
+        assert after[trial_id] == rows, f"trial {trial_id} ran again after the resume"
+        epochs = [r["epoch"] for r in after[trial_id]]
+        assert len(epochs) == len(set(epochs))
+
+
+def test_asha_stops_a_trial_early_and_the_best_trial_is_selected(sweep):
+    trials = tune_trials(sweep["tune_dir"])
+    rows = result_rows(sweep["tune_dir"])
+    assert len(trials) >= 4 and all(s["status"] == "TERMINATED" for s in trials.values())
+    epochs_run = {t: max(r["epoch"] for r in rows[t]) for t in trials}
+    max_t = 2   # the smoke preset's ASHA max_t
+    assert max(epochs_run.values()) == max_t
+    assert any(e < max_t for e in epochs_run.values()), f"ASHA stopped no trial: {epochs_run}"
+
+    best_val = {t: max(r["val_acc"] for r in rows[t]) for t in trials}
+    chosen = json.loads((sweep["dir"] / "best_config.json").read_text())
+    assert chosen["val_acc"] == pytest.approx(max(best_val.values()))
+    assert best_val[chosen["trial_id"]] == pytest.approx(max(best_val.values()))
+    assert load_checkpoint(sweep["dir"] / "best.pt")["metrics"]["val_acc"] == pytest.approx(chosen["val_acc"])
+
+    table = {line.split(",")[0]: line for line in (sweep["dir"] / "trials.csv").read_text().splitlines()[1:]}
+    assert set(table) == set(trials)
+    assert sum(",True," in line for line in table.values()) == sum(e < max_t for e in epochs_run.values())
+
+
+def test_full_finetuning_on_a_three_class_folder_and_the_report(sweep):
+    d = sweep["dir"]
+    tuned = load_checkpoint(d / "finetuned.pt")
+    assert list(tuned["classes"]) == list(THREE_CLASSES)
+    assert tuned["model_config"]["num_classes"] == 3 and tuned["metrics"]["test_acc"] >= 0.6   # chance is 1/3
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["after"]["accuracy"] == pytest.approx(tuned["metrics"]["test_acc"])
+    assert len(summary["after"]["confusion_matrix"]) == 3
+    assert sum(map(sum, summary["after"]["confusion_matrix"])) == 3 * 8   # the folder's whole test split
+    report = (d / "report.md").read_text()
+    assert "ASHA" in report and "trial-epochs" in report
+    for png in ("val_acc.png", "confusion_before.png", "confusion_after.png"):
+        assert (d / png).stat().st_size > 1000
+        assert png in report
+
+
+def test_head_finetuning_on_ray_train_trains_only_the_head(sweep, ray_driver, tiny_data_dir):
+    from dataclasses import replace
+
+    from cluster.runtime import cluster_cpus
+    from cluster.sweep import PRESETS, finetune_distributed
+    from cluster.tune import plan_resources
+    from resnet_dist.console import console
+    from resnet_dist.finetune import FinetuneConfig
+
+    cfg = replace(PRESETS["smoke"], name="head", storage=str(sweep["dir"].parent), data_dir=str(tiny_data_dir),
+                  finetune=FinetuneConfig(mode="head"), finetune_epochs=1)
+    resources = plan_resources(1, 1, cluster_cpus(), 0, os.cpu_count() or 1)
+    source = sweep["dir"] / "best.pt"
+    tuned = finetune_distributed(cfg, source, tiny_data_dir, resources, console)
+    before, after = load_checkpoint(source)["model_state"], tuned["model_state"]
+    head = {k for k in after if k.startswith("fc.")}
+    assert head and all(not torch.equal(before[k], after[k]) for k in head)
+    # The frozen backbone, BN running statistics included, is bit-for-bit the selected checkpoint's.
+    assert all(torch.equal(before[k], after[k]) for k in after if k not in head)
+
+
+def test_training_metrics_of_the_dashboard_reach_prometheus(sweep):
+    """Every training metric k8s/grafana/resnet-dist.json queries was on Ray's metrics
+    endpoint while the sweep's trials ran."""
+    assert not missing_dashboard_series(sweep["scraped"], serve=False), sorted(
+        n for n in sweep["scraped"] if "resnet_dist" in n)
