@@ -87,8 +87,9 @@ def torch_batches(shard: Any, batch_size: int, train: bool, device: torch.device
 
 
 def materialize(shard: Any, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A worker's whole (raw uint8) shard as two tensors on `device`: read once, then
-    augmented on the device every epoch (resnet_dist.loader.ArrayLoader)."""
+    """A worker's whole shard as two tensors on `device`, read once: the raw uint8 train
+    shard, augmented on the device every epoch (resnet_dist.loader.ArrayLoader), or the
+    normalised val shard, evaluated every epoch without running Ray Data again."""
     xs, ys = [], []
     for b in shard.iter_torch_batches(batch_size=5000, device=device):
         xs.append(b["x"])

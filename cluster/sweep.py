@@ -23,9 +23,10 @@ from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_thr
 from cluster.tune import AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, RunConfig
-from resnet_dist.data import prepare_dataset, read_manifest
+from resnet_dist.data import holdout_size, prepare_dataset, read_manifest
 from resnet_dist.finetune import FinetuneConfig
 from resnet_dist.inference import SWEEP_FINETUNED
+from resnet_dist.metrics import classification_report
 from resnet_dist.report import write_report
 from resnet_dist.training import evaluate_checkpoint, write_json
 
@@ -50,6 +51,7 @@ class SweepConfig:
     finetune_lr: float = 0.02
     finetune_data: str = ""         # "" = CIFAR-10 (train+val); else an image folder/archive with its own classes
     finetune_subset: int = 0
+    finetune_batch_size: int = 0    # 0 = the selected trial's batch size
     serve: bool = False
     # "pipeline": Ray Data augments every epoch; "device": each worker reads its shard once and
     # augments it with torch in the training process; "auto": device on GPUs, pipeline on CPUs.
@@ -101,6 +103,9 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"--data-path must be auto, pipeline or device, got {cfg.data_path!r}")
     if cfg.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
+    if cfg.finetune_epochs < 1 or not cfg.finetune_lr > 0 or cfg.finetune_subset < 0 or cfg.finetune_batch_size < 0:
+        raise ConfigError("--finetune-epochs must be >= 1, --finetune-lr > 0, --finetune-subset and "
+                          "--finetune-batch-size >= 0")
     read_manifest(cfg.data_dir)
     if cfg.finetune_data and not Path(cfg.finetune_data).exists():
         raise ConfigError(f"fine-tuning data {cfg.finetune_data} does not exist")
@@ -224,7 +229,7 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
     run = RunConfig.from_dict(src["run_config"]).replace(
         data={"data_dir": str(data_dir), "train_subset": cfg.finetune_subset},
         optim={"lr": cfg.finetune_lr, "warmup_epochs": 0.1 * cfg.finetune_epochs},
-        train={"epochs": cfg.finetune_epochs},
+        train={"epochs": cfg.finetune_epochs, **({"batch_size": cfg.finetune_batch_size} if cfg.finetune_batch_size else {})},
     )
     # CIFAR-10 itself: model selection is done, so train on train + val; a user's data keeps val held out.
     splits = ("train", "val") if not cfg.finetune_data else ("train",)
@@ -243,6 +248,41 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
         resources.cpus_per_worker, 1, cbs), on_report)
     with result.checkpoint.as_directory() as d:   # the last epoch: train+val leaves nothing to select on
         return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def finetune_stage(cfg: SweepConfig, source: Path, resources: TrialResources, console) -> dict[str, Any]:
+    """Fine-tune `source` (cfg.finetune*) on Ray Train and evaluate it on the test split before
+    and after; writes cfg.sweep_dir/finetuned.pt, which serving loads. `before` is None when
+    the data has other classes than the checkpoint (its head cannot predict them)."""
+    selected = load_checkpoint(source)
+    ft_data = Path(cfg.data_dir).resolve()
+    if cfg.finetune_data:
+        ft_data = cfg.sweep_dir / "finetune-data"
+        prepare_dataset(cfg.finetune_data, ft_data, val_size=holdout_size(cfg.finetune_data))
+    before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
+    tuned = finetune_distributed(cfg, source, ft_data, resources, console)
+    after = evaluate_checkpoint(tuned, ft_data, "test")
+    tuned["metrics"]["test_acc"] = after.accuracy   # serving reports it (GET /v1/model)
+    save_checkpoint(tuned, cfg.sweep_dir / FINETUNED_CHECKPOINT)
+    after_rep = classification_report(after.confusion, tuned["classes"])
+    before_rep = classification_report(before.confusion, selected["classes"]) if before else _na_report(after_rep)
+    return {"tuned": tuned, "before": before_rep, "after": after_rep, "data_dir": ft_data}
+
+
+def finetune_job(source: Path, data: Path, out: Path, ft: FinetuneConfig, *, epochs: int, lr: float,
+                 subset: int, batch_size: int, workers: int, console) -> dict[str, Any]:
+    """jobs/finetune.py on Ray: `data` is prepared Parquet or a raw image folder/archive;
+    out/ gets finetuned.pt (what serving loads) and finetune.json."""
+    prepared = (Path(data) / "manifest.json").is_file()
+    cfg = SweepConfig(name=out.name, storage=str(out.parent), data_dir=str(data) if prepared else "",
+                      finetune=ft, finetune_epochs=epochs, finetune_lr=lr, finetune_data="" if prepared else str(data),
+                      finetune_subset=subset, finetune_batch_size=batch_size)
+    connect()
+    resources = plan_resources(workers, 1, cluster_cpus(), cluster_gpus(), os.cpu_count() or 1)
+    stage = finetune_stage(cfg, source, resources, console)
+    summary = {"source": str(source), "mode": ft.mode, "before": stage["before"], "after": stage["after"]}
+    write_json(out / "finetune.json", summary)
+    return summary
 
 
 def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
@@ -275,20 +315,8 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
                                                 "epoch": selected["epoch"], "config": best["config"]})
     console.print(f"best trial {best['trial_id']}: val acc {best['best_val_acc']:.2%} at epoch {selected['epoch']}")
 
-    ft_data = Path(cfg.data_dir).resolve()
-    if cfg.finetune_data:
-        ft_data = sweep_dir / "finetune-data"
-        prepare_dataset(cfg.finetune_data, ft_data, val_size=_val_size(cfg.finetune_data))
-    before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
-    tuned = finetune_distributed(cfg, sweep_dir / SELECTED_CHECKPOINT, ft_data, resources, console)
-    after = evaluate_checkpoint(tuned, ft_data, "test")
-    tuned["metrics"]["test_acc"] = after.accuracy   # serving reports it (GET /v1/model)
-    save_checkpoint(tuned, sweep_dir / FINETUNED_CHECKPOINT)
-
-    from resnet_dist.metrics import classification_report
-
-    after_rep = classification_report(after.confusion, tuned["classes"])
-    before_rep = classification_report(before.confusion, selected["classes"]) if before else _na_report(after_rep)
+    stage = finetune_stage(cfg, sweep_dir / SELECTED_CHECKPOINT, resources, console)
+    before_rep, after_rep = stage["before"], stage["after"]
     report = write_report(
         sweep_dir, title=f"Sweep {cfg.name}", trials=trials, max_epochs=cfg.asha.max_epochs, best=best,
         before=before_rep, after=after_rep,
@@ -315,14 +343,6 @@ def _na_report(like: dict[str, Any]) -> dict[str, Any]:
             "confusion_matrix": [[0] * len(like["classes"]) for _ in like["classes"]]}
 
 
-def _val_size(source: str) -> int:
-    """A user's folder: hold out 10% of train for validation, at most the CIFAR default."""
-    from resnet_dist.data import load_source
-
-    n = len(load_source(source)["train"].labels)
-    return max(1, min(5000, n // 10))
-
-
 def add_sweep_args(p) -> None:
     """Every SweepConfig field as an option; unset options keep the preset's value."""
     a = p.add_argument
@@ -346,10 +366,14 @@ def add_sweep_args(p) -> None:
     a("--lr-mult", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform multiplier of the optimizer's base lr")
     a("--weight-decay", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform weight decay range")
     a("--finetune-mode", choices=["head", "full", "last-stage"], help="what fine-tuning trains")
+    a("--finetune-backbone-lr-scale", type=float, help="lr multiplier of the pretrained layers that train")
+    a("--finetune-reset-head", action=argparse.BooleanOptionalAction,
+      help="a new random head even when the classes are the same (it is always new for other classes)")
     a("--finetune-epochs", type=int)
     a("--finetune-lr", type=float, help="peak lr of fine-tuning (the head's; see --finetune-mode)")
     a("--finetune-data", help="an image folder/archive with its own classes (default: CIFAR-10 train+val)")
     a("--finetune-subset", type=int, help="fine-tuning images per epoch (0 = all)")
+    a("--finetune-batch-size", type=int, help="global batch of fine-tuning (0 = the selected trial's)")
     a("--serve", action=argparse.BooleanOptionalAction, help="deploy the fine-tuned model on Ray Serve at the end")
 
 
@@ -357,16 +381,16 @@ def sweep_config_from_args(args) -> SweepConfig:
     cfg = PRESETS[args.preset]
     top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
                                          "max_concurrent", "train_subset", "seed", "data_path", "finetune_epochs", "finetune_lr",
-                                         "finetune_data", "finetune_subset", "serve") if getattr(args, k) is not None}
+                                         "finetune_data", "finetune_subset", "finetune_batch_size", "serve") if getattr(args, k) is not None}
     space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",
                                                    "batch_sizes", "label_smoothing", "schedules", "lr_mult",
                                                    "weight_decay") if getattr(args, k) is not None}
     asha = {k: getattr(args, k) for k in ("max_epochs", "grace_period", "reduction_factor")
             if getattr(args, k) is not None}
     cfg = replace(cfg, **top, space=replace(cfg.space, **space), asha=replace(cfg.asha, **asha))
-    if args.finetune_mode:
-        cfg = replace(cfg, finetune=replace(cfg.finetune, mode=args.finetune_mode))
-    return cfg
+    ft = {k: v for k, v in (("mode", args.finetune_mode), ("backbone_lr_scale", args.finetune_backbone_lr_scale),
+                            ("reset_head", args.finetune_reset_head)) if v is not None}
+    return replace(cfg, finetune=replace(cfg.finetune, **ft))
 
 
 def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
@@ -375,6 +399,7 @@ def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
     import io
 
     import httpx
+    import numpy as np
     from PIL import Image
     from rich.table import Table
 
@@ -389,7 +414,8 @@ def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
     for col in ("image", "true class", "predicted", "probability"):
         table.add_column(col)
     with httpx.Client(timeout=30) as client:
-        for i in range(probes):
+        # Spread over the split, which is stored class by class, so the probes show several classes.
+        for i in np.linspace(0, len(test.labels) - 1, probes).astype(int).tolist():
             buf = io.BytesIO()
             Image.fromarray(test.images[i]).save(buf, format="PNG")
             r = client.post(f"{url}/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"})

@@ -481,6 +481,13 @@ def prepare_dataset(
 # --------------------------------------------------------------------------- reading back
 
 
+def holdout_size(source: PathLike) -> int:
+    """Validation images to carve from a user's own train split: 10%, at most the CIFAR-10
+    default, at least one. (Decodes the source once more; small data sets are the norm here.)"""
+    n = len(load_source(source)["train"].labels)
+    return max(1, min(DEFAULT_VAL_SIZE, n // 10))
+
+
 def read_manifest(data_dir: PathLike) -> dict:
     """The manifest.json of a prepared data set; DataError if missing or corrupt."""
     path = Path(data_dir) / MANIFEST_NAME

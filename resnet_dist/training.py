@@ -16,7 +16,7 @@ from torch import nn
 from resnet_dist.checkpoint import (
     build_checkpoint, load_checkpoint, model_from_checkpoint, restore_rng_state, save_checkpoint, unwrap,
 )
-from resnet_dist.config import ModelConfig, RunConfig
+from resnet_dist.config import ConfigError, ModelConfig, RunConfig
 from resnet_dist.data import read_manifest, read_split
 from resnet_dist.engine import (
     EpochStats, EvalResult, Precision, build_optimizer, build_scheduler, evaluate, make_grad_scaler,
@@ -169,7 +169,8 @@ def load_loaders(cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
     train = read_split(cfg.data.data_dir, "train")
     n = cfg.data.train_subset or len(train.labels)
     if min(n, len(train.labels)) < cfg.train.batch_size:
-        raise ValueError(f"train split has {min(n, len(train.labels))} images, fewer than one batch of {cfg.train.batch_size}")
+        raise ConfigError(f"train split has {min(n, len(train.labels))} images, fewer than one batch of "
+                          f"{cfg.train.batch_size}; lower the batch size")
     val = read_split(cfg.data.data_dir, "val")
     test = read_split(cfg.data.data_dir, "test")
     common = {"mean": mean, "std": std, "device": device}

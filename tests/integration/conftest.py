@@ -43,6 +43,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1", "RAY_metrics_report_interval_ms": "2000"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    # Every process of the cluster inherits this. Ray Train's PlacementGroupCleaner (which frees
+    # the workers' CPUs when Tune stops a trial under a live Train run) finds the state API by it;
+    # without it, it would look in /tmp/ray/ray_current_cluster, which names some other cluster
+    # (or a dead one) because this one runs in its own temp dir, and the CPUs would stay held.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
     # processes, so teardown stops them and not a Ray the developer runs beside the tests.
     temp_dir = tempfile.mkdtemp(prefix="rdt-", dir="/tmp")

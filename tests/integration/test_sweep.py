@@ -21,7 +21,8 @@ from PIL import Image
 from resnet_dist.checkpoint import load_checkpoint
 from tests.integration.conftest import missing_dashboard_series, scraped_names
 
-pytestmark = pytest.mark.integration
+# The module fixture (two sweep runs, up to 300 s + 420 s) counts toward its first test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 THREE_CLASSES = ("disc", "ring", "square")
 
@@ -44,7 +45,10 @@ def make_three_class_folder(root: Path) -> Path:
 
 def sweep_cmd(data_dir: Path, storage: Path, folder: Path) -> list[str]:
     return [sys.executable, "jobs/sweep.py", "--preset", "smoke", "--name", "smoke", "--storage", str(storage),
-            "--data", str(data_dir), "--finetune-mode", "full", "--finetune-data", str(folder), "--finetune-epochs", "3"]
+            "--data", str(data_dir), "--data-path", "device", "--finetune-mode", "full", "--finetune-data", str(folder),
+            # 162 training images at the smoke batch of 32 are 5 steps an epoch: a 3-class head and
+            # a tiny backbone need ~40 steps at a high rate to separate the shapes.
+            "--finetune-epochs", "8", "--finetune-lr", "0.2", "--finetune-backbone-lr-scale", "1.0"]
 
 
 def tune_trials(tune_dir: Path) -> dict[str, dict]:
@@ -74,6 +78,12 @@ def result_rows(tune_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tiny_data_dir, tmp_path_factory):
     """The smoke sweep, killed once after two finished trials and resumed to the end. While it
@@ -89,30 +99,32 @@ def sweep(ray_cluster, tiny_data_dir, tmp_path_factory):
                                 stdout=open(tmp / log_name, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     proc = start("first-run.log")
-    deadline = time.time() + 400
-    finished: dict[str, dict] = {}
-    while time.time() < deadline and proc.poll() is None:
-        scraped |= scraped_names(ray_cluster.metrics_port)
-        finished = {t: s for t, s in tune_trials(tune_dir).items() if s["status"] == "TERMINATED"}
-        if len(finished) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, (tmp / "first-run.log").read_text()[-3000:]
-    assert len(finished) >= 2, "two trials never finished in time"
-    before_kill = {t: rows for t, rows in result_rows(tune_dir).items() if t in finished}
-    os.killpg(proc.pid, signal.SIGKILL)   # the sweep driver and its children
-    proc.wait()
-    time.sleep(5)   # let Ray reap the dead driver's trial actors
+    try:
+        deadline = time.time() + 300
+        finished: dict[str, dict] = {}
+        while time.time() < deadline and proc.poll() is None:
+            scraped |= scraped_names(ray_cluster.metrics_port)
+            finished = {t: s for t, s in tune_trials(tune_dir).items() if s["status"] == "TERMINATED"}
+            if len(finished) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp / "first-run.log").read_text()[-3000:]
+        assert len(finished) >= 2, "two trials never finished in time: " + (tmp / "first-run.log").read_text()[-3000:]
+        before_kill = {t: rows for t, rows in result_rows(tune_dir).items() if t in finished}
+        kill_group(proc)   # the sweep driver and its children
+        time.sleep(5)   # let Ray reap the dead driver's trial actors
 
-    proc = start("second-run.log")
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        scraped |= scraped_names(ray_cluster.metrics_port)
-        time.sleep(0.5)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    out = (tmp / "second-run.log").read_text()
-    assert proc.wait() == 0, out[-5000:]
+        proc = start("second-run.log")
+        deadline = time.time() + 420
+        while time.time() < deadline and proc.poll() is None:
+            scraped |= scraped_names(ray_cluster.metrics_port)
+            time.sleep(0.5)
+        out = (tmp / "second-run.log").read_text()
+        assert proc.poll() == 0, out[-5000:]
+    finally:
+        # Whatever fails here (an assertion, pytest-timeout), no sweep is left holding the
+        # shared cluster's CPUs for the tests after this module.
+        kill_group(proc)
     return {"dir": storage / "smoke", "tune_dir": tune_dir, "finished_before_kill": before_kill, "stdout": out,
             "scraped": scraped}
 
@@ -162,25 +174,22 @@ def test_full_finetuning_on_a_three_class_folder_and_the_report(sweep):
         assert png in report
 
 
-def test_head_finetuning_on_ray_train_trains_only_the_head(sweep, ray_driver, tiny_data_dir):
-    from dataclasses import replace
-
-    from cluster.runtime import cluster_cpus
-    from cluster.sweep import PRESETS, finetune_distributed
-    from cluster.tune import plan_resources
-    from resnet_dist.console import console
-    from resnet_dist.finetune import FinetuneConfig
-
-    cfg = replace(PRESETS["smoke"], name="head", storage=str(sweep["dir"].parent), data_dir=str(tiny_data_dir),
-                  finetune=FinetuneConfig(mode="head"), finetune_epochs=1)
-    resources = plan_resources(1, 1, cluster_cpus(), 0, os.cpu_count() or 1)
-    source = sweep["dir"] / "best.pt"
-    tuned = finetune_distributed(cfg, source, tiny_data_dir, resources, console)
-    before, after = load_checkpoint(source)["model_state"], tuned["model_state"]
+def test_finetune_job_in_head_mode_on_ray_train_trains_only_the_head(sweep, ray_cluster, tiny_data_dir, tmp_path):
+    """jobs/finetune.py on the shared cluster, from the sweep's directory (its best.pt)."""
+    out = tmp_path / "head"
+    run = subprocess.run([sys.executable, "jobs/finetune.py", "--checkpoint", str(sweep["dir"]), "--data",
+                          str(tiny_data_dir), "--mode", "head", "--epochs", "1", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    before = load_checkpoint(sweep["dir"] / "best.pt")["model_state"]
+    after = load_checkpoint(out / "finetuned.pt")["model_state"]
     head = {k for k in after if k.startswith("fc.")}
     assert head and all(not torch.equal(before[k], after[k]) for k in head)
     # The frozen backbone, BN running statistics included, is bit-for-bit the selected checkpoint's.
     assert all(torch.equal(before[k], after[k]) for k in after if k not in head)
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["mode"] == "head" and 0 <= summary["after"]["accuracy"] <= 1
+    assert len(summary["before"]["confusion_matrix"]) == len(summary["after"]["confusion_matrix"]) == 10
 
 
 def test_training_metrics_of_the_dashboard_reach_prometheus(sweep):

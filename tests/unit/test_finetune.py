@@ -140,3 +140,56 @@ def test_bad_finetune_config_is_a_one_line_config_error(kwargs, field):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError):
         prepare_finetune({}, 10, FinetuneConfig(**kwargs))
+
+
+def _finetune_job(args):
+    from jobs.finetune import main
+
+    main([str(a) for a in args])
+
+
+def test_finetune_job_local_on_an_image_folder_writes_a_servable_checkpoint(source_path, tmp_path, capsys):
+    """jobs/finetune.py --local: a user's raw image folder is prepared, the head is resized to
+    its classes, and the output directory holds what serving looks for."""
+    from resnet_dist.inference import resolve_checkpoint
+
+    folder = tmp_path / "photos"
+    for split, n in (("train", 12), ("test", 3)):
+        for c, name in enumerate(("a", "b")):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((32, 32, 3), 60 + 120 * c, np.uint8)).save(folder / split / name / f"{i}.png")
+    out = tmp_path / "out"
+    _finetune_job(["--local", "--checkpoint", source_path, "--data", folder, "--mode", "full", "--epochs", "1",
+                   "--batch-size", 8, "--out", out])
+    tuned = load_checkpoint(resolve_checkpoint(out))
+    assert tuned["classes"] == ["a", "b"] and tuned["model_config"]["num_classes"] == 2
+    summary = json.loads((out / "finetuned" / "finetune.json").read_text())
+    assert sum(map(sum, summary["after"]["confusion_matrix"])) == 6
+    assert "after fine-tuning" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/no/such.pt"], "no checkpoint at /no/such.pt"),
+    (["--data", "/no/such/data"], "fine-tuning data /no/such/data does not exist"),
+    (["--epochs", "0"], "--epochs and --workers must be >= 1"),
+    (["--backbone-lr-scale", "0"], "backbone_lr_scale must be > 0"),
+])
+def test_finetune_job_bad_options_are_one_line_and_write_nothing(args, message, source_path, tiny_data_dir,
+                                                                  tmp_path, capsys):
+    base = {"--checkpoint": source_path, "--data": tiny_data_dir}
+    base.update(dict(zip(args[::2], args[1::2])))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        _finetune_job(["--local", "--out", out, *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_finetune_job_refuses_a_corrupt_checkpoint(tiny_data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        _finetune_job(["--local", "--checkpoint", bad, "--data", tiny_data_dir, "--out", tmp_path / "out"])
+    assert "cannot read checkpoint" in capsys.readouterr().err

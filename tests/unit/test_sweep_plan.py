@@ -68,6 +68,9 @@ def _sweep_main():
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
     (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
+    (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1"),
+    (["--finetune-backbone-lr-scale", "-1"], "backbone_lr_scale must be > 0"),
+    (["--finetune-data", "/nonexistent/photos"], "fine-tuning data /nonexistent/photos does not exist"),
 ])
 def test_sweep_bad_options_are_one_line_before_any_trial(args, message, tiny_data_dir, capsys):
     main = _sweep_main()

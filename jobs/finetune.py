@@ -1,0 +1,77 @@
+"""Fine-tune a checkpoint (a sweep's selected best.pt by default) on CIFAR-10 or on your own
+images, on Ray Train (or in this process with --local), and evaluate it on the test split
+before and after: accuracy, per-class precision/recall, confusion matrix.
+
+    python jobs/finetune.py --checkpoint runs/sweep --data my_photos/ --mode head --out runs/photos
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/finetune.py --data "$PWD/my_photos" ...
+
+--data is prepared Parquet (jobs/prepare_data.py) or an image folder/archive laid out as
+SPLIT/<class>/*.png (train/ and test/; val/ is carved from train). The output directory
+holds finetuned.pt (or finetuned/best.pt with --local) and finetune.json; serve it with
+`python jobs/serve.py OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from resnet_dist.cli import die
+from resnet_dist.config import ConfigError
+from resnet_dist.data import DataError
+
+
+def main(argv=None) -> None:
+    from resnet_dist.checkpoint import CheckpointError, load_checkpoint
+    from resnet_dist.console import console, print_eval_report
+    from resnet_dist.finetune import FINETUNE_MODES, FinetuneConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
+    p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
+    p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
+    p.add_argument("--mode", choices=FINETUNE_MODES, default="head", help="what trains (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.05, help="peak lr of the head (default: %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="lr multiplier of pretrained layers that train")
+    p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="a new head even for the same classes (always new for other classes)")
+    p.add_argument("--subset", type=int, default=0, help="training images per epoch (0 = all)")
+    p.add_argument("--batch-size", type=int, default=0, help="global batch (default: the checkpoint's)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    args = p.parse_args(argv)
+
+    ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale)
+    source = Path(args.checkpoint)
+    source = source / "best.pt" if (source / "best.pt").is_file() else source
+    data, out = Path(args.data), Path(args.out).resolve()
+    try:
+        ft.validate()
+        if args.epochs < 1 or not args.lr > 0 or args.subset < 0 or args.workers < 1 or args.batch_size < 0:
+            raise ConfigError("--epochs and --workers must be >= 1, --lr > 0, --subset and --batch-size >= 0")
+        if not source.is_file():
+            raise ConfigError(f"no checkpoint at {source}")
+        src = load_checkpoint(source)
+        if not data.exists():
+            raise DataError(f"fine-tuning data {data} does not exist")
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"epochs": args.epochs, "lr": args.lr, "subset": args.subset, "batch_size": args.batch_size}
+        if args.local:
+            from resnet_dist.finetune import finetune_job_local
+
+            summary = finetune_job_local(src, source, data, out, ft, **run)
+        else:
+            from cluster.sweep import finetune_job
+
+            summary = finetune_job(source, data, out, ft, workers=args.workers, console=console, **run)
+    except (ConfigError, DataError, CheckpointError) as e:
+        die(str(e))
+    if summary["before"]["per_class"]:
+        print_eval_report(summary["before"], "test, before fine-tuning")
+    print_eval_report(summary["after"], "test, after fine-tuning")
+    console.print(f"fine-tuned {args.mode} from {source} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
