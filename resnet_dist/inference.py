@@ -209,14 +209,15 @@ def predict_top_k(p: Predictor, images: np.ndarray, k: int, flip_tta: bool = FLI
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file meant by `path`: a file; a directory with checkpoint.pt; a run
-    directory with best.pt; or a sweep directory with finetuned/best.pt or finetuned.pt."""
+    """The checkpoint file meant by `path`: a file; a sweep or fine-tuning directory (its
+    fine-tuned model, finetuned/best.pt or finetuned.pt, before the selected trial's best.pt
+    beside it); a directory with checkpoint.pt; or a run directory with best.pt."""
     p = Path(path)
     if p.is_file():
         return p
     if not p.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: no such file or directory")
-    candidates = (CHECKPOINT_FILE, BEST_CHECKPOINT, *SWEEP_FINETUNED)
+    candidates = (*SWEEP_FINETUNED, CHECKPOINT_FILE, BEST_CHECKPOINT)
     for name in candidates:
         if (p / name).is_file():
             return p / name

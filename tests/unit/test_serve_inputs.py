@@ -149,8 +149,11 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     for i, rel in enumerate(SWEEP_FINETUNED):   # finetuned/best.pt, finetuned.pt
         touch(f"sweep{i}/{rel}")
         assert resolve_checkpoint(tmp_path / f"sweep{i}") == tmp_path / f"sweep{i}" / rel
+    # A sweep directory holds the selected trial's best.pt too: the fine-tuned model is what is served.
+    touch("sweep/best.pt")
+    assert resolve_checkpoint(touch("sweep/finetuned.pt").parent) == tmp_path / "sweep/finetuned.pt"
     with pytest.raises(CheckpointError, match="no such file"):
         resolve_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="looked for checkpoint.pt, best.pt, finetuned/best.pt, finetuned.pt"):
+    with pytest.raises(CheckpointError, match="looked for finetuned/best.pt, finetuned.pt, checkpoint.pt, best.pt"):
         resolve_checkpoint(tmp_path / "empty")
