@@ -8,7 +8,9 @@ CPU themselves; their Train workers hold the real resources.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +141,73 @@ class AshaConfig:
             raise ConfigError(f"reduction factor must be >= 2, got {self.reduction_factor}")
 
 
+# ASHA's rungs (every trial's metric at each milestone), beside Tune's experiment directory:
+# not inside it, where a restored run's sync of its staged copy would overwrite the file.
+ASHA_STATE_FILE = "asha_rungs.json"
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs and stop decisions survive a restart of the sweep driver.
+
+    Tune restores trials and the searcher after a driver restart but not the scheduler's
+    rungs: the trials after a restart would be judged only against each other, and a trial
+    the old rungs would stop could run to max_t. The rungs, and the trials ASHA decided to
+    stop early (the driver may die before Tune acts on a decision), are saved to `state_file`
+    after every result (atomically; a few bytes per trial) and read back on first use.
+    """
+
+    def __init__(self, state_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._state_file = state_file
+        self._stopped: set[str] = set()
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            saved = json.loads(Path(self._state_file).read_text())
+        except (OSError, ValueError):   # a new sweep, or a state file cut short: start empty
+            return
+        self._stopped.update(saved["stopped"])
+        for bracket, rungs in zip(self._brackets, saved["rungs"]):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
+                if milestone == saved_milestone:
+                    recorded.update(saved_recorded)
+
+    def _save(self) -> None:
+        path = Path(self._state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets],
+                                   "stopped": sorted(self._stopped)}))
+        os.replace(tmp, path)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load()
+        if trial.trial_id in self._stopped:   # decided before a restart, not acted on
+            return self.STOP
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, self._max_t) < self._max_t:   # early, not at max_t
+            self._stopped.add(trial.trial_id)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
 def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, num_samples: int, seed: int,
                 plan: dict[str, Any], resources: TrialResources, callbacks: list | None = None) -> tune.Tuner:
     """A new Tuner, or the same sweep restored when STORAGE/NAME holds one (finished
-    trials are not re-run; ASHA-stopped ones stay stopped)."""
+    trials are not re-run; ASHA-stopped ones stay stopped; ASHA keeps its rungs)."""
     trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
     path = str(Path(storage) / name)
     if tune.Tuner.can_restore(path):
@@ -156,8 +221,8 @@ def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, n
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", num_samples=num_samples,
             search_alg=searcher,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=asha.max_epochs, grace_period=asha.grace_period,
-                                    reduction_factor=asha.reduction_factor),
+            scheduler=ResumableASHA(str(Path(storage) / ASHA_STATE_FILE), time_attr="epoch", max_t=asha.max_epochs,
+                                    grace_period=asha.grace_period, reduction_factor=asha.reduction_factor),
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks or [],
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0),

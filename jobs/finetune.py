@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnet_dist.cli import die
+from resnet_dist.cli import die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.data import DataError
 
@@ -26,13 +26,14 @@ def main(argv=None) -> None:
     from resnet_dist.console import console, print_eval_report
     from resnet_dist.finetune import FINETUNE_MODES, FinetuneConfig
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
     p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
     p.add_argument("--mode", choices=FINETUNE_MODES, default="head", help="what trains (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.05, help="peak lr of the head (default: %(default)s)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="(default: %(default)s)")
     p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="lr multiplier of pretrained layers that train")
     p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
                    help="a new head even for the same classes (always new for other classes)")
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
         if not data.exists():
             raise DataError(f"fine-tuning data {data} does not exist")
         out.mkdir(parents=True, exist_ok=True)
-        run = {"epochs": args.epochs, "lr": args.lr, "subset": args.subset, "batch_size": args.batch_size}
+        run = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "subset": args.subset, "batch_size": args.batch_size}
         if args.local:
             from resnet_dist.finetune import finetune_job_local
 

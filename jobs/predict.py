@@ -15,11 +15,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from resnet_dist.cli import die
+from resnet_dist.cli import die, job_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
     p.add_argument("--top", type=int, default=3, help="classes shown per image (default: %(default)s)")

@@ -15,7 +15,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from resnet_dist.cli import die
+from resnet_dist.cli import die, job_parser
 from resnet_dist.constants import DEFAULT_VAL_SIZE
 from resnet_dist.data import DataError, prepare_dataset
 
@@ -28,7 +28,7 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("source", help="cifar-10-batches-py dir, image folder ROOT/{train,test}/<class>/ or a .tar[.gz|.xz]")
     p.add_argument("out_dir", help="output directory (created atomically)")
     p.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE, help="images held out of train for val")

@@ -17,13 +17,13 @@ import os
 import time
 
 from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-from resnet_dist.cli import die
+from resnet_dist.cli import die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.inference import resolve_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory")
     p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
     p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0 = fixed)")

@@ -10,9 +10,8 @@ Re-running with the same --name and --storage resumes the sweep.
 
 from __future__ import annotations
 
-import argparse
 
-from resnet_dist.cli import die
+from resnet_dist.cli import die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.data import DataError
 
@@ -21,7 +20,7 @@ def main(argv=None) -> None:
     from cluster.sweep import add_sweep_args, run_sweep, sweep_config_from_args, validate
     from resnet_dist.console import console, print_eval_report
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     add_sweep_args(p)
     args = p.parse_args(argv)
     cfg = sweep_config_from_args(args)

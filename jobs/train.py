@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from resnet_dist.cli import add_config_args, config_from_args, die
+from resnet_dist.cli import add_config_args, config_from_args, die, job_parser
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
 from resnet_dist.data import DataError, read_manifest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default", help="base settings (default: %(default)s)")
     p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")

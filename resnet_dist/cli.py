@@ -27,6 +27,19 @@ def die(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     sys.exit(code)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, bad choice, wrong type) are one `die()` line too,
+    not the usage block plus a message; --help still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        die(f"{message} (see --help)")
+
+
+def job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The parser of an entry point: its module docstring as the description, kept as written."""
+    return OneLineErrorParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     """Add one flag per config field (except those in `skip`), grouped by section."""
     for section, cls in SECTIONS.items():

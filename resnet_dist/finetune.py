@@ -178,7 +178,8 @@ def finetune_local(
 
 
 def finetune_job_local(src: dict[str, Any], source: Path, data: Path, out: Path, ft: FinetuneConfig, *,
-                       epochs: int, lr: float, subset: int = 0, batch_size: int = 0) -> dict[str, Any]:
+                       epochs: int, lr: float, optimizer: str = "sgd", subset: int = 0,
+                       batch_size: int = 0) -> dict[str, Any]:
     """jobs/finetune.py --local: `data` is prepared Parquet or a raw image folder/archive
     (prepared into out/finetune-data first); results land in out/finetuned/ (best.pt, finetune.json)."""
     from resnet_dist.data import holdout_size, prepare_dataset
@@ -187,6 +188,6 @@ def finetune_job_local(src: dict[str, Any], source: Path, data: Path, out: Path,
         prepare_dataset(data, out / "finetune-data", val_size=holdout_size(data))
         data = out / "finetune-data"
     cfg = RunConfig.from_dict(src["run_config"]).replace(
-        optim={"lr": lr, "warmup_epochs": 0.1 * epochs}, data={"train_subset": subset},
+        optim={"optimizer": optimizer, "lr": lr, "warmup_epochs": 0.1 * epochs}, data={"train_subset": subset},
         train={"epochs": epochs, **({"batch_size": batch_size} if batch_size else {})})
     return finetune_local(source, data, out / "finetuned", cfg, ft)

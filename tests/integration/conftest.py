@@ -69,7 +69,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
 
         if ray.is_initialized():
             ray.shutdown()
-        _stop_cluster(temp_dir)
+        _stop_cluster(temp_dir, f"RAY_API_SERVER_ADDRESS={env['RAY_API_SERVER_ADDRESS']}")
         shutil.rmtree(temp_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
@@ -78,14 +78,17 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
                 os.environ[k] = v
 
 
-def _stop_cluster(temp_dir: str, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names `temp_dir`."""
+def _stop_cluster(temp_dir: str, env_marker: str, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names `temp_dir` or whose
+    environment holds `env_marker` (a few Ray agents rename themselves, e.g. ray::DashboardAgent,
+    and would outlive the tests, spinning on the dead GCS)."""
     def pids() -> list[int]:
         found = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit() and int(proc.name) != os.getpid():
                 try:
-                    if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                    if (temp_dir.encode() in (proc / "cmdline").read_bytes()
+                            or env_marker.encode() + b"\0" in (proc / "environ").read_bytes() + b"\0"):
                         found.append(int(proc.name))
                 except OSError:
                     pass

@@ -146,6 +146,10 @@ def test_asha_stops_a_trial_early_and_the_best_trial_is_selected(sweep):
     max_t = 2   # the smoke preset's ASHA max_t
     assert max(epochs_run.values()) == max_t
     assert any(e < max_t for e in epochs_run.values()), f"ASHA stopped no trial: {epochs_run}"
+    # The rungs outlived the driver kill: epoch 1 of every trial, before and after it, is in them.
+    rungs = json.loads((sweep["dir"] / "asha_rungs.json").read_text())
+    assert set(dict(rungs["rungs"][0])[1]) == set(trials)
+    assert set(rungs["stopped"]) == {t for t, e in epochs_run.items() if e < max_t}
 
     best_val = {t: max(r["val_acc"] for r in rows[t]) for t in trials}
     chosen = json.loads((sweep["dir"] / "best_config.json").read_text())
@@ -163,6 +167,8 @@ def test_full_finetuning_on_a_three_class_folder_and_the_report(sweep):
     tuned = load_checkpoint(d / "finetuned.pt")
     assert list(tuned["classes"]) == list(THREE_CLASSES)
     assert tuned["model_config"]["num_classes"] == 3 and tuned["metrics"]["test_acc"] >= 0.6   # chance is 1/3
+    # --finetune-lr is an SGD rate whichever optimizer the selected trial used.
+    assert tuned["run_config"]["optim"]["optimizer"] == "sgd"
     summary = json.loads((d / "summary.json").read_text())
     assert summary["after"]["accuracy"] == pytest.approx(tuned["metrics"]["test_acc"])
     assert len(summary["after"]["confusion_matrix"]) == 3

@@ -161,9 +161,11 @@ def test_finetune_job_local_on_an_image_folder_writes_a_servable_checkpoint(sour
                 Image.fromarray(np.full((32, 32, 3), 60 + 120 * c, np.uint8)).save(folder / split / name / f"{i}.png")
     out = tmp_path / "out"
     _finetune_job(["--local", "--checkpoint", source_path, "--data", folder, "--mode", "full", "--epochs", "1",
-                   "--batch-size", 8, "--out", out])
+                   "--batch-size", 8, "--optimizer", "adamw", "--lr", 0.003, "--out", out])
     tuned = load_checkpoint(resolve_checkpoint(out))
     assert tuned["classes"] == ["a", "b"] and tuned["model_config"]["num_classes"] == 2
+    optim = tuned["run_config"]["optim"]
+    assert (optim["optimizer"], optim["lr"]) == ("adamw", 0.003)   # fine-tuning's own, not the source's
     summary = json.loads((out / "finetuned" / "finetune.json").read_text())
     assert sum(map(sum, summary["after"]["confusion_matrix"])) == 6
     assert "after fine-tuning" in capsys.readouterr().out

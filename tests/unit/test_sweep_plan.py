@@ -70,6 +70,7 @@ def _sweep_main():
     (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
     (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1"),
     (["--finetune-backbone-lr-scale", "-1"], "backbone_lr_scale must be > 0"),
+    (["--finetune-optimizer", "lamb"], "invalid choice: 'lamb'"),
     (["--finetune-data", "/nonexistent/photos"], "fine-tuning data /nonexistent/photos does not exist"),
 ])
 def test_sweep_bad_options_are_one_line_before_any_trial(args, message, tiny_data_dir, capsys):
@@ -87,3 +88,33 @@ def test_sweep_storage_that_is_not_writable_is_refused(tiny_data_dir, tmp_path, 
     with pytest.raises(SystemExit):
         _sweep_main()(["--data", str(tiny_data_dir), "--storage", str(blocker / "sweeps")])
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_asha_rungs_survive_a_restart_of_the_sweep_driver(tmp_path):
+    """A trial judged after a driver restart is compared with the trials before it, not only
+    with those after the restart (Tune itself does not restore the scheduler's rungs)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from cluster.tune import ResumableASHA
+
+    def scheduler():
+        return ResumableASHA(str(tmp_path / "tune" / "asha_rungs.json"), time_attr="epoch", metric="val_acc",
+                             mode="max", max_t=4, grace_period=1, reduction_factor=2)
+
+    def report(s, trial_id, val_acc):
+        trial = SimpleNamespace(trial_id=trial_id)
+        s.on_trial_add(None, trial)
+        return s.on_trial_result(None, trial, {"epoch": 1, "val_acc": val_acc})
+
+    first = scheduler()
+    assert report(first, "a", 0.6) == TrialScheduler.CONTINUE
+    assert report(first, "b", 0.7) == TrialScheduler.CONTINUE
+    restarted = scheduler()   # a new driver process: a fresh object, the same sweep directory
+    assert report(restarted, "c", 0.3) == TrialScheduler.STOP   # below the median of 0.6, 0.7, 0.3
+    # The driver died before Tune stopped "c": the next driver stops it when it reports again.
+    assert report(scheduler(), "c", 0.3) == TrialScheduler.STOP
+    fresh = ResumableASHA(str(tmp_path / "other.json"), time_attr="epoch", metric="val_acc", mode="max",
+                          max_t=4, grace_period=1, reduction_factor=2)
+    assert report(fresh, "c", 0.3) == TrialScheduler.CONTINUE   # what plain ASHA does after a restart

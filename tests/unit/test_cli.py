@@ -1,0 +1,34 @@
+"""Every entry point answers a usage mistake with one `error:` line and exit code 2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
+
+
+def _main(job: str):
+    spec = importlib.util.spec_from_file_location(f"job_{job}", REPO / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_usage_errors_are_one_line_and_exit_2(job, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _main(job)(["--no-such-flag", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    # Jobs with a required positional name it first; the others name the stray flag.
+    assert ("unrecognized arguments: --no-such-flag" in err or "arguments are required" in err) and "see --help" in err
+
+
+def test_help_still_prints_the_full_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _main("finetune")(["--help"])
+    assert exit_.value.code == 0 and "--backbone-lr-scale" in capsys.readouterr().out
