@@ -20,11 +20,11 @@ import ray.tune as tune
 from cluster.progress import fit_streaming
 from cluster.runtime import cluster_cpus, cluster_gpus, connect
 from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_threads
-from cluster.tune import BASE_LR, AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
+from cluster.tune import AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
-from resnet_dist.config import ConfigError, RunConfig
-from resnet_dist.data import holdout_size, prepare_dataset, read_manifest
-from resnet_dist.finetune import FinetuneConfig
+from resnet_dist.config import OPTIMIZERS, ConfigError, RunConfig
+from resnet_dist.data import MANIFEST_NAME, ensure_prepared, read_manifest
+from resnet_dist.finetune import FinetuneConfig, finetune_run_config
 from resnet_dist.inference import SWEEP_FINETUNED
 from resnet_dist.metrics import classification_report
 from resnet_dist.report import write_report
@@ -75,13 +75,13 @@ PRESETS: dict[str, SweepConfig] = {
         finetune=FinetuneConfig(mode="head"), finetune_epochs=1, finetune_lr=0.05,
     ),
     # The README default: real CIFAR-10 on 2 CPU cores in <= 15 min for the whole pipeline.
-    # At ~300 img/s (ResNet-20, 2 cores) and ~45 s to start each trial, the budget goes to the
+    # At ~300 img/s (ResNet-20, 2 cores) and ~40 s to start each trial, the budget goes to the
     # final model: a short sweep (3 trials on 5,000-image epochs, ASHA keeping the top third
     # at epoch 1), then fine-tuning of the selected model over all of train+val for 2 epochs
     # (same classes, so its head is kept) with AdamW at 0.1: 70.9% test accuracy here, against
-    # 63.2% with SGD at 0.1 and 63.8% with AdamW at 0.003 (README). Device-side augmentation: on 2 cores it trains at
-    # the plain loop's speed, the Ray Data augmenting pipeline at about 0.55x
-    # (bench/train_throughput.py, docs/benchmarks.md).
+    # 63.2% with SGD at 0.1 and 63.8% with AdamW at 0.003 (README). Device-side augmentation:
+    # on 2 cores it trains at the plain loop's speed, the Ray Data augmenting pipeline at about
+    # 0.55x (bench/train_throughput.py, docs/benchmarks.md).
     "local": SweepConfig(
         space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd", "adamw"), lr_mult=(0.5, 2.0),
                           batch_sizes=(128,), label_smoothing=(0.0, 0.1)),
@@ -111,8 +111,8 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"--data-path must be auto, pipeline or device, got {cfg.data_path!r}")
     if cfg.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
-    if cfg.finetune_optimizer not in BASE_LR:
-        raise ConfigError(f"--finetune-optimizer must be {'|'.join(BASE_LR)}, got {cfg.finetune_optimizer!r}")
+    if cfg.finetune_optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--finetune-optimizer must be {'|'.join(OPTIMIZERS)}, got {cfg.finetune_optimizer!r}")
     if cfg.finetune_epochs < 1 or not cfg.finetune_lr > 0 or cfg.finetune_subset < 0 or cfg.finetune_batch_size < 0:
         raise ConfigError("--finetune-epochs must be >= 1, --finetune-lr > 0, --finetune-subset and "
                           "--finetune-batch-size >= 0")
@@ -238,11 +238,9 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
     src = load_checkpoint(source)
     # The backbone learnt on inputs normalised with the source data's statistics; keep them.
     manifest = {**read_manifest(data_dir), "mean": src["mean"], "std": src["std"]}
-    run = RunConfig.from_dict(src["run_config"]).replace(
-        data={"data_dir": str(data_dir), "train_subset": cfg.finetune_subset},
-        optim={"optimizer": cfg.finetune_optimizer, "lr": cfg.finetune_lr, "warmup_epochs": 0.1 * cfg.finetune_epochs},
-        train={"epochs": cfg.finetune_epochs, **({"batch_size": cfg.finetune_batch_size} if cfg.finetune_batch_size else {})},
-    )
+    run = finetune_run_config(src["run_config"], epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                              optimizer=cfg.finetune_optimizer, subset=cfg.finetune_subset,
+                              batch_size=cfg.finetune_batch_size).replace(data={"data_dir": str(data_dir)})
     # CIFAR-10 itself: model selection is done, so train on train + val; a user's data keeps val held out.
     splits = ("train", "val") if not cfg.finetune_data else ("train",)
     workers = resources.workers * resources.max_concurrent   # fine-tuning runs alone: use every trial slot
@@ -267,10 +265,8 @@ def finetune_stage(cfg: SweepConfig, source: Path, resources: TrialResources, co
     and after; writes cfg.sweep_dir/finetuned.pt, which serving loads. `before` is None when
     the data has other classes than the checkpoint (its head cannot predict them)."""
     selected = load_checkpoint(source)
-    ft_data = Path(cfg.data_dir).resolve()
-    if cfg.finetune_data:
-        ft_data = cfg.sweep_dir / "finetune-data"
-        prepare_dataset(cfg.finetune_data, ft_data, val_size=holdout_size(cfg.finetune_data))
+    ft_data = (ensure_prepared(cfg.finetune_data, cfg.sweep_dir / "finetune-data") if cfg.finetune_data
+               else Path(cfg.data_dir).resolve())
     before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
     tuned = finetune_distributed(cfg, source, ft_data, resources, console)
     after = evaluate_checkpoint(tuned, ft_data, "test")
@@ -285,7 +281,7 @@ def finetune_job(source: Path, data: Path, out: Path, ft: FinetuneConfig, *, epo
                  subset: int, batch_size: int, workers: int, console) -> dict[str, Any]:
     """jobs/finetune.py on Ray: `data` is prepared Parquet or a raw image folder/archive;
     out/ gets finetuned.pt (what serving loads) and finetune.json."""
-    prepared = (Path(data) / "manifest.json").is_file()
+    prepared = (Path(data) / MANIFEST_NAME).is_file()
     cfg = SweepConfig(name=out.name, storage=str(out.parent), data_dir=str(data) if prepared else "",
                       finetune=ft, finetune_epochs=epochs, finetune_lr=lr, finetune_optimizer=optimizer,
                       finetune_data="" if prepared else str(data),
@@ -384,7 +380,7 @@ def add_sweep_args(p) -> None:
       help="a new random head even when the classes are the same (it is always new for other classes)")
     a("--finetune-epochs", type=int)
     a("--finetune-lr", type=float, help="peak lr of fine-tuning (the head's; see --finetune-mode)")
-    a("--finetune-optimizer", choices=sorted(BASE_LR), help="optimizer of fine-tuning (default: sgd)")
+    a("--finetune-optimizer", choices=OPTIMIZERS, help="optimizer of fine-tuning (default: sgd)")
     a("--finetune-data", help="an image folder/archive with its own classes (default: CIFAR-10 train+val)")
     a("--finetune-subset", type=int, help="fine-tuning images per epoch (0 = all)")
     a("--finetune-batch-size", type=int, help="global batch of fine-tuning (0 = the selected trial's)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from cluster.train import WorkerJob, build_trainer
 from resnet_dist.config import ConfigError, RunConfig
 from resnet_dist.models import FLAVORS
+from resnet_dist.training import write_json
 
 # Logical CPUs a trial's own driver function asks for: enough to be a real
 # resource request (Tune rejects 0), small enough to leave the CPUs to its workers.
@@ -177,12 +177,9 @@ class ResumableASHA(ASHAScheduler):
                     recorded.update(saved_recorded)
 
     def _save(self) -> None:
-        path = Path(self._state_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets],
-                                   "stopped": sorted(self._stopped)}))
-        os.replace(tmp, path)
+        Path(self._state_file).parent.mkdir(parents=True, exist_ok=True)
+        write_json(self._state_file, {"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets],
+                                      "stopped": sorted(self._stopped)})
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from resnet_dist.cli import die, job_parser
-from resnet_dist.config import ConfigError
+from resnet_dist.config import OPTIMIZERS, ConfigError
 from resnet_dist.data import DataError
 
 
@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
     from resnet_dist.console import console, print_eval_report
     from resnet_dist.finetune import FINETUNE_MODES, FinetuneConfig
+    from resnet_dist.training import BEST_CHECKPOINT
 
     p = job_parser(__doc__)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=FINETUNE_MODES, default="head", help="what trains (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.05, help="peak lr of the head (default: %(default)s)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="(default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="(default: %(default)s)")
     p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="lr multiplier of pretrained layers that train")
     p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
                    help="a new head even for the same classes (always new for other classes)")
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
 
     ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale)
     source = Path(args.checkpoint)
-    source = source / "best.pt" if (source / "best.pt").is_file() else source
+    source = source / BEST_CHECKPOINT if (source / BEST_CHECKPOINT).is_file() else source
     data, out = Path(args.data), Path(args.out).resolve()
     try:
         ft.validate()

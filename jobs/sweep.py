@@ -10,7 +10,6 @@ Re-running with the same --name and --storage resumes the sweep.
 
 from __future__ import annotations
 
-
 from resnet_dist.cli import die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.data import DataError

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
+OPTIMIZERS = ("sgd", "adamw")        # what engine.build_optimizer builds
 
 
 class ConfigError(ValueError):
@@ -116,7 +117,7 @@ class RunConfig:
         _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(da.pad_mode in ("reflect", "zeros"), f"data.pad_mode must be reflect|zeros, got {da.pad_mode!r}")
         _check(da.pad >= 0 and da.cutout >= 0 and da.train_subset >= 0, "data.pad, data.cutout and data.train_subset must be >= 0")
-        _check(o.optimizer in ("sgd", "adamw"), f"optim.optimizer must be sgd|adamw, got {o.optimizer!r}")
+        _check(o.optimizer in OPTIMIZERS, f"optim.optimizer must be {'|'.join(OPTIMIZERS)}, got {o.optimizer!r}")
         _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
         _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
         _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")

@@ -422,10 +422,25 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def holdout_size(n_train: int) -> int:
+    """Validation images to carve from a user's own train split of `n_train` images: 10%,
+    at most the CIFAR-10 default, at least one."""
+    return max(1, min(DEFAULT_VAL_SIZE, n_train // 10))
+
+
+def ensure_prepared(data: PathLike, workdir: PathLike) -> Path:
+    """`data` itself when it is prepared Parquet; otherwise `data` (an image folder or archive)
+    prepared into `workdir` with `holdout_size` val images (a no-op when already there)."""
+    if (Path(data) / MANIFEST_NAME).is_file():
+        return Path(data)
+    prepare_dataset(data, workdir, val_size=None)
+    return Path(workdir)
+
+
 def prepare_dataset(
     source: PathLike,
     out_dir: PathLike,
-    val_size: int = DEFAULT_VAL_SIZE,
+    val_size: int | None = DEFAULT_VAL_SIZE,
     seed: int = 0,
     resize: int | None = None,
     rows_per_shard: int = 5000,
@@ -433,7 +448,8 @@ def prepare_dataset(
 ) -> dict:
     """Convert `source` into OUT/{train,val,test}/*.parquet + manifest.json; returns the manifest.
 
-    val is a seeded, class-stratified hold-out of the source's train split. A
+    val is a seeded, class-stratified hold-out of the source's train split: `val_size`
+    images, or with None `holdout_size` of it (a user's own data set, size unknown). A
     re-run with the same source and options is a no-op; a different OUT raises
     DataError unless `force`. Everything is written to a temporary sibling and
     renamed into place at the end, so OUT is either complete or untouched.
@@ -452,7 +468,8 @@ def prepare_dataset(
 
     log.info("reading %s", src)
     loaded = load_source(src, resize)
-    train, val = stratified_split(loaded["train"], val_size, seed)
+    n_val = holdout_size(len(loaded["train"].labels)) if val_size is None else val_size
+    train, val = stratified_split(loaded["train"], n_val, seed)
     # Shuffle train once so every shard mixes classes; its own seeded stream, independent of the split.
     train = _subset(train, np.random.default_rng([seed, 1]).permutation(len(train.labels)))
     splits = {"train": train, "val": val, **({"test": loaded["test"]} if "test" in loaded else {})}
@@ -479,13 +496,6 @@ def prepare_dataset(
 
 
 # --------------------------------------------------------------------------- reading back
-
-
-def holdout_size(source: PathLike) -> int:
-    """Validation images to carve from a user's own train split: 10%, at most the CIFAR-10
-    default, at least one. (Decodes the source once more; small data sets are the norm here.)"""
-    n = len(load_source(source)["train"].labels)
-    return max(1, min(DEFAULT_VAL_SIZE, n // 10))
 
 
 def read_manifest(data_dir: PathLike) -> dict:

@@ -28,7 +28,7 @@ from torch import nn
 
 from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, unwrap
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig, section_from_dict
-from resnet_dist.data import read_manifest
+from resnet_dist.data import ensure_prepared, read_manifest
 from resnet_dist.engine import EvalResult, evaluate, select_device
 from resnet_dist.loader import ArrayLoader
 from resnet_dist.metrics import classification_report
@@ -177,17 +177,22 @@ def finetune_local(
     return summary
 
 
+def finetune_run_config(source_run_config: dict[str, Any], *, epochs: int, lr: float, optimizer: str,
+                        subset: int = 0, batch_size: int = 0) -> RunConfig:
+    """The RunConfig of fine-tuning a checkpoint: its own run config with fine-tuning's optimizer,
+    peak lr (warm-up over the first 10% of the epochs), epochs, train images per epoch (0 = all)
+    and global batch (0 = the checkpoint's). Momentum, weight decay and augmentation stay."""
+    return RunConfig.from_dict(source_run_config).replace(
+        optim={"optimizer": optimizer, "lr": lr, "warmup_epochs": 0.1 * epochs}, data={"train_subset": subset},
+        train={"epochs": epochs, **({"batch_size": batch_size} if batch_size else {})})
+
+
 def finetune_job_local(src: dict[str, Any], source: Path, data: Path, out: Path, ft: FinetuneConfig, *,
                        epochs: int, lr: float, optimizer: str = "sgd", subset: int = 0,
                        batch_size: int = 0) -> dict[str, Any]:
     """jobs/finetune.py --local: `data` is prepared Parquet or a raw image folder/archive
     (prepared into out/finetune-data first); results land in out/finetuned/ (best.pt, finetune.json)."""
-    from resnet_dist.data import holdout_size, prepare_dataset
-
-    if not (Path(data) / "manifest.json").is_file():
-        prepare_dataset(data, out / "finetune-data", val_size=holdout_size(data))
-        data = out / "finetune-data"
-    cfg = RunConfig.from_dict(src["run_config"]).replace(
-        optim={"optimizer": optimizer, "lr": lr, "warmup_epochs": 0.1 * epochs}, data={"train_subset": subset},
-        train={"epochs": epochs, **({"batch_size": batch_size} if batch_size else {})})
+    data = ensure_prepared(data, out / "finetune-data")
+    cfg = finetune_run_config(src["run_config"], epochs=epochs, lr=lr, optimizer=optimizer, subset=subset,
+                              batch_size=batch_size)
     return finetune_local(source, data, out / "finetuned", cfg, ft)

@@ -351,3 +351,18 @@ def test_cli_converts_a_folder(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "out")
     assert manifest["fingerprint"] in result.stdout
     assert len(split_files(tmp_path / "out", "train")) == 2
+
+
+def test_a_users_folder_gets_a_tenth_of_train_as_val_and_prepared_data_is_used_as_is(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    n_train = len(make_source()["train"].labels)
+    assert data.holdout_size(n_train) == max(1, n_train // 10)
+    assert data.holdout_size(10**6) == 5000 and data.holdout_size(3) == 1
+    out = data.ensure_prepared(folder, tmp_path / "prepared")
+    manifest = read_manifest(out)
+    assert manifest["counts"]["val"] == data.holdout_size(n_train)
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == n_train
+    before = mtimes(out)
+    assert data.ensure_prepared(folder, tmp_path / "prepared") == out and mtimes(out) == before   # no-op re-run
+    assert data.ensure_prepared(out, tmp_path / "elsewhere") == out   # prepared Parquet is used where it is
+    assert not (tmp_path / "elsewhere").exists()

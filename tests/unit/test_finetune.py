@@ -192,6 +192,23 @@ def test_finetune_job_bad_options_are_one_line_and_write_nothing(args, message, 
 def test_finetune_job_refuses_a_corrupt_checkpoint(tiny_data_dir, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         _finetune_job(["--local", "--checkpoint", bad, "--data", tiny_data_dir, "--out", tmp_path / "out"])
+    assert exit_.value.code == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_finetune_job_refuses_a_corrupt_image_folder_and_leaves_no_prepared_data(source_path, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / split / name / f"{i}.png")
+    (folder / "train" / "a" / "1.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        _finetune_job(["--local", "--checkpoint", source_path, "--data", folder, "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "1.png" in err
+    assert not (out / "finetune-data").exists() and not (out / "finetuned").exists()
