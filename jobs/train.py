@@ -17,7 +17,9 @@ from resnet_dist.data import DataError, read_manifest
 def parse_args(argv=None) -> argparse.Namespace:
     p = job_parser(__doc__)
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default", help="base settings (default: %(default)s)")
+    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default",
+                   help="base settings: default = the 4-epoch recipe, quick = it for 1 epoch on 5,000 images "
+                        "(default: %(default)s)")
     p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = its CPU share)")
@@ -25,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-path", choices=["auto", "pipeline", "device"], default="auto",
                    help="Ray Data augments each epoch (pipeline) or workers augment on their device (default: device on GPU)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default: %(default)s)")
-    add_config_args(p)
+    add_config_args(p, base=RunConfig().replace(**TRAIN_PRESETS["default"]))
     return p.parse_args(argv)
 
 

@@ -40,8 +40,12 @@ def job_parser(doc: str | None) -> argparse.ArgumentParser:
     return OneLineErrorParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """Add one flag per config field (except those in `skip`), grouped by section."""
+def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                    base: RunConfig | None = None) -> None:
+    """Add one flag per config field (except those in `skip`), grouped by section.
+
+    `--help` shows each field's value in `base` (the entry point's default preset),
+    else the dataclass default."""
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         hints = typing.get_type_hints(cls)
@@ -50,7 +54,8 @@ def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset(
                 continue
             flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
             kind = hints[f.name]
-            kw: dict[str, Any] = {"default": None, "dest": f"{section}.{f.name}", "help": f"(default: {f.default})"}
+            shown = getattr(getattr(base, section), f.name) if base is not None else f.default
+            kw: dict[str, Any] = {"default": None, "dest": f"{section}.{f.name}", "help": f"(default: {shown})"}
             if kind is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(kind) is tuple:
