@@ -14,6 +14,17 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # interval, 2 s by default; 0.2 s cuts a few seconds off every fit() and report.
 # The driver forwards it to the controller and workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Serve's throughput mode (Ray's own switch, documented for KubeRay): the router and
+# user code run on the proxy's and replica's main event loops, the proxy reaches the
+# replica over gRPC, request logs are buffered. Measured with bench/serve_load.py on 2
+# cores (docs/benchmarks.md): one client's latency 19.8 -> 14.1 ms, peak 94 -> 106 req/s.
+# Direct ingress, part of that mode, stays off: it pays off with HAProxy in front, and
+# through Serve's own proxy it measured no faster. Serve reads these when its processes
+# start, so they must be in the environment of `ray start` (scripts/main.sh, k8s/) or of
+# the process that starts a local Ray (this module sets them for that case).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+for _key, _value in SERVE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def connect(num_cpus: int | None = None) -> None:

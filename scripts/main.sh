@@ -10,6 +10,8 @@ scripts/setup.sh
 scripts/prepare_cifar10.sh
 source .venv/bin/activate          # the cluster's workers run this Python
 export RAY_AUTH_MODE=token         # `ray start --head` enables token auth; CLI clients need this
+# Ray Serve's throughput mode, read by the cluster's processes at start (why: cluster/runtime.py SERVE_ENV).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0
 if ! ray status >/dev/null 2>&1; then
   ray start --head --dashboard-host 127.0.0.1 --metrics-export-port 8080 --disable-usage-stats
 fi

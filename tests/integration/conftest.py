@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.runtime import SERVE_ENV
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -40,7 +42,7 @@ class LocalCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     # Metrics exported every 2 s (default 10 s), so a scrape sees short test runs' metrics.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1", "RAY_metrics_report_interval_ms": "2000"}
+    env = {**os.environ, **SERVE_ENV, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1", "RAY_metrics_report_interval_ms": "2000"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # Every process of the cluster inherits this. Ray Train's PlacementGroupCleaner (which frees

@@ -466,6 +466,20 @@ def test_dockerfile_is_ray_at_the_pinned_version_running_as_non_root():
     assert d["workdir"] == "/home/ray/resnet-dist"
 
 
+def test_image_and_main_script_start_ray_in_serves_throughput_mode():
+    # Serve reads these when its processes start: the image (every pod) and scripts/main.sh
+    # (the local `ray start`) must carry the values that cluster/runtime.py sets for a local Ray.
+    from cluster.runtime import SERVE_ENV
+
+    image_env = dict(kv.split("=", 1) for ln in _dockerfile()["lines"] if ln.startswith("ENV ")
+                     for kv in shlex.split(ln)[1:])
+    main_env = dict(kv.split("=", 1) for ln in (ROOT / "scripts" / "main.sh").read_text().splitlines()
+                    if ln.startswith("export RAY_SERVE_") for kv in shlex.split(ln)[1:])
+    for key, value in SERVE_ENV.items():
+        assert image_env.get(key) == value, f"k8s/Dockerfile must set ENV {key}={value}"
+        assert main_env.get(key) == value, f"scripts/main.sh must export {key}={value}"
+
+
 def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
     d = _dockerfile()
     ignore = [ln.strip() for ln in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
