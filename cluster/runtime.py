@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # replica over gRPC, request logs are buffered. Measured with bench/serve_load.py on 2
 # cores (docs/benchmarks.md): one client's latency 19.8 -> 14.1 ms, peak 94 -> 106 req/s.
 # Direct ingress, part of that mode, stays off: it pays off with HAProxy in front, and
-# through Serve's own proxy it measured no faster. Serve reads these when its processes
+# through Serve's own proxy it measured slower (peak 90 req/s). Serve reads these when its processes
 # start, so they must be in the environment of `ray start` (scripts/main.sh, k8s/) or of
 # the process that starts a local Ray (this module sets them for that case).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}

@@ -23,7 +23,7 @@ from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_thr
 from cluster.tune import AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import OPTIMIZERS, ConfigError, RunConfig
-from resnet_dist.data import MANIFEST_NAME, ensure_prepared, read_manifest
+from resnet_dist.data import ensure_prepared, is_prepared, read_manifest
 from resnet_dist.finetune import FinetuneConfig, finetune_run_config
 from resnet_dist.inference import SWEEP_FINETUNED
 from resnet_dist.metrics import classification_report
@@ -281,7 +281,7 @@ def finetune_job(source: Path, data: Path, out: Path, ft: FinetuneConfig, *, epo
                  subset: int, batch_size: int, workers: int, console) -> dict[str, Any]:
     """jobs/finetune.py on Ray: `data` is prepared Parquet or a raw image folder/archive;
     out/ gets finetuned.pt (what serving loads) and finetune.json."""
-    prepared = (Path(data) / MANIFEST_NAME).is_file()
+    prepared = is_prepared(data)
     cfg = SweepConfig(name=out.name, storage=str(out.parent), data_dir=str(data) if prepared else "",
                       finetune=ft, finetune_epochs=epochs, finetune_lr=lr, finetune_optimizer=optimizer,
                       finetune_data="" if prepared else str(data),

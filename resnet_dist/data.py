@@ -428,10 +428,15 @@ def holdout_size(n_train: int) -> int:
     return max(1, min(DEFAULT_VAL_SIZE, n_train // 10))
 
 
+def is_prepared(data: PathLike) -> bool:
+    """Whether `data` is a prepared data set (Parquet shards + manifest), not raw images."""
+    return (Path(data) / MANIFEST_NAME).is_file()
+
+
 def ensure_prepared(data: PathLike, workdir: PathLike) -> Path:
     """`data` itself when it is prepared Parquet; otherwise `data` (an image folder or archive)
     prepared into `workdir` with `holdout_size` val images (a no-op when already there)."""
-    if (Path(data) / MANIFEST_NAME).is_file():
+    if is_prepared(data):
         return Path(data)
     prepare_dataset(data, workdir, val_size=None)
     return Path(workdir)
