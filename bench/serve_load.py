@@ -10,7 +10,7 @@ latency of POST /v1/predict with (a) dynamic batching on and (b) off
 (max_batch_size=1, set live); (c) is the raw in-process throughput of the
 same model with the same thread count, the ceiling the server can approach.
 The clients share the server's cores, so their cost counts: aiohttp spends
-about 0.2-0.3 ms of CPU per request here, httpx 1.7-2.0 ms.
+about 0.15 ms of CPU per request here, httpx 1.2-1.4 ms (bench/serve_overhead.py).
 Then a soak sends valid requests open-loop at half the peak throughput of (a)
 with malformed requests spread evenly among them, and checks that every
 malformed one got its 4xx, nothing got a 5xx, and no replica restarted.
