@@ -13,6 +13,13 @@ export RAY_AUTH_MODE=token         # `ray start --head` enables token auth; CLI 
 # Ray Serve's throughput mode, read by the cluster's processes at start (why: cluster/runtime.py SERVE_ENV).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0
 if ! ray status >/dev/null 2>&1; then
+  # Token auth needs a token, and in Ray 2.60 `ray start --head` never makes one: a fresh machine
+  # (no ~/.ray/auth_token) would fail right here. --generate is a no-op when a token exists
+  # (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); it prints the token, kept off the terminal.
+  if ! err=$(ray get-auth-token --generate 2>&1 >/dev/null); then
+    echo "error: could not create a Ray auth token: $err" >&2
+    exit 1
+  fi
   ray start --head --dashboard-host 127.0.0.1 --metrics-export-port 8080 --disable-usage-stats
 fi
 # Absolute paths: the job runs in a copy of this checkout (--working-dir), without data/ and runs/.
