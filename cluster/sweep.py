@@ -73,6 +73,9 @@ PRESETS: dict[str, SweepConfig] = {
         space=SearchSpace(flavors=("debug",), lr_mult=(0.05, 2.0), batch_sizes=(32,)),
         asha=AshaConfig(max_epochs=2, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
         finetune=FinetuneConfig(mode="head"), finetune_epochs=1, finetune_lr=0.05,
+        # On the real CIFAR-10 (`scripts/main.sh --preset smoke`): 2,000 images an epoch, not
+        # 45,000, so the whole loop takes minutes; the tests' tiny data sets are smaller anyway.
+        train_subset=2000, finetune_subset=2000,
     ),
     # The README default: real CIFAR-10 on 2 CPU cores in <= 15 min for the whole pipeline.
     # At ~300 img/s (ResNet-20, 2 cores) and ~40 s to start each trial, the budget goes to the
@@ -176,12 +179,14 @@ class LiveTrials(tune.Callback):
     """A rich live table of trials (status, epoch, val acc), refreshed as results arrive.
     Tune callbacks run in the driver, so this draws in the user's terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_epochs: int = 0) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
+        self.max_epochs = max_epochs
         self.live = None   # made in setup(): Tune pickles its callbacks, and a Live holds locks
+        self._terminal = True
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"rows": self.rows, "live": None}
+        return {"rows": self.rows, "max_epochs": self.max_epochs, "live": None, "_terminal": self._terminal}
 
     def _table(self):
         from rich.table import Table
@@ -199,19 +204,37 @@ class LiveTrials(tune.Callback):
         row = self.rows.setdefault(trial.trial_id, {
             "model": f"{c['flavor']} x{c['width']:g}", "optimizer": c["optimizer"],
             "lr": f"{c['lr_mult']:.2f}x", "status": status})
+        changed = row["status"] != status or bool(result)
         row["status"] = status
         if result:
             row.update(epoch=int(result.get("epoch", 0)), val_acc=float(result.get("val_acc", 0.0)))
         if self.live is not None:
             self.live.update(self._table())
+        if changed and not self._terminal:
+            self._print_line(trial.trial_id, row, result)
+
+    def _print_line(self, trial_id: str, row: dict[str, Any], result: dict | None) -> None:
+        """Outside a terminal (a job log) a live table cannot redraw: one line per event instead."""
+        from resnet_dist.console import console
+
+        line = f"trial {trial_id} ({row['model']}, {row['optimizer']}, lr {row['lr']}): {row['status']}"
+        if result:
+            epoch_s = float(result.get("epoch_s", 0.0))
+            left = max(0, self.max_epochs - row["epoch"])
+            line += (f", epoch {row['epoch']}/{self.max_epochs}: val acc {row['val_acc']:.2%}, "
+                     f"{float(result.get('images_per_s', 0.0)):.0f} img/s, {epoch_s:.1f} s/epoch"
+                     + (f", ETA {left * epoch_s:.0f} s if ASHA keeps it" if left else ""))
+        console.print(line, soft_wrap=True)
 
     def setup(self, **info) -> None:
         from rich.live import Live
 
         from resnet_dist.console import console
 
-        self.live = Live(self._table(), console=console, refresh_per_second=2)
-        self.live.start()
+        self._terminal = console.is_terminal
+        if self._terminal:
+            self.live = Live(self._table(), console=console, refresh_per_second=2)
+            self.live.start()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._update(trial, "RUNNING")
@@ -228,6 +251,10 @@ class LiveTrials(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         if self.live is not None:
             self.live.stop()
+        else:
+            from resnet_dist.console import console
+
+            console.print(self._table())
 
 
 def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resources: TrialResources,
@@ -312,7 +339,7 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
                   f"{resources.max_concurrent} at a time x {resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
                   f"{' + 1 GPU' if resources.use_gpu else ''} -> {sweep_dir}")
     tuner = build_tuner("tune", str(sweep_dir), cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
-                        callbacks=[LiveTrials()])
+                        callbacks=[LiveTrials(cfg.asha.max_epochs)])
     results = tuner.fit()
     trials = collect_trials(results, base, cfg.asha.max_epochs)
     if not trials:
@@ -398,6 +425,11 @@ def sweep_config_from_args(args) -> SweepConfig:
                                                    "weight_decay") if getattr(args, k) is not None}
     asha = {k: getattr(args, k) for k in ("max_epochs", "grace_period", "reduction_factor")
             if getattr(args, k) is not None}
+    # User paths are made absolute once, here: trials, Train workers and the job's copy of
+    # the code (ray job submit --working-dir) run in other directories.
+    for key in ("storage", "data_dir", "finetune_data"):
+        if top.get(key) and "://" not in top[key]:   # URIs are left as given (and refused in validate)
+            top[key] = str(Path(top[key]).resolve())
     cfg = replace(cfg, **top, space=replace(cfg.space, **space), asha=replace(cfg.asha, **asha))
     ft = {k: v for k, v in (("mode", args.finetune_mode), ("backbone_lr_scale", args.finetune_backbone_lr_scale),
                             ("reset_head", args.finetune_reset_head)) if v is not None}

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     from resnet_dist.finetune import FINETUNE_MODES, FinetuneConfig
     from resnet_dist.training import BEST_CHECKPOINT
 
-    p = job_parser(__doc__)
+    p = job_parser(__doc__, ray=True)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
     p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
@@ -45,9 +45,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale)
-    source = Path(args.checkpoint)
+    # Absolute once, here: Ray Train's controller and workers run in other directories.
+    source = Path(args.checkpoint).resolve()
     source = source / BEST_CHECKPOINT if (source / BEST_CHECKPOINT).is_file() else source
-    data, out = Path(args.data), Path(args.out).resolve()
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
     try:
         ft.validate()
         if args.epochs < 1 or not args.lr > 0 or args.subset < 0 or args.workers < 1 or args.batch_size < 0:
@@ -64,7 +65,10 @@ def main(argv=None) -> None:
 
             summary = finetune_job_local(src, source, data, out, ft, **run)
         else:
+            from cluster.runtime import set_verbose
             from cluster.sweep import finetune_job
+
+            set_verbose(args.verbose)
 
             summary = finetune_job(source, data, out, ft, workers=args.workers, console=console, **run)
     except (ConfigError, DataError, CheckpointError) as e:

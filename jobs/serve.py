@@ -23,7 +23,7 @@ from resnet_dist.inference import resolve_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = job_parser(__doc__)
+    p = job_parser(__doc__, ray=True)
     p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory")
     p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
     p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0 = fixed)")
@@ -52,8 +52,9 @@ def main(argv=None) -> None:
         die(str(e))
     from ray import serve
 
-    from cluster.runtime import connect
+    from cluster.runtime import connect, set_verbose
 
+    set_verbose(args.verbose)
     connect()
     try:
         url = deploy(cfg)

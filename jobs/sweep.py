@@ -16,12 +16,14 @@ from resnet_dist.data import DataError
 
 
 def main(argv=None) -> None:
+    from cluster.runtime import set_verbose
     from cluster.sweep import add_sweep_args, run_sweep, sweep_config_from_args, validate
     from resnet_dist.console import console, print_eval_report
 
-    p = job_parser(__doc__)
+    p = job_parser(__doc__, ray=True)
     add_sweep_args(p)
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
     cfg = sweep_config_from_args(args)
     try:
         validate(cfg)

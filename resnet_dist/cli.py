@@ -35,9 +35,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 
-def job_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The parser of an entry point: its module docstring as the description, kept as written."""
-    return OneLineErrorParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def job_parser(doc: str | None, ray: bool = False) -> argparse.ArgumentParser:
+    """The parser of an entry point: its module docstring as the description, kept as written.
+    `ray`: the job runs on Ray, and takes --verbose (cluster.runtime.set_verbose)."""
+    p = OneLineErrorParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if ray:
+        p.add_argument("--verbose", action="store_true",
+                       help="show Ray's own logs too (workers, actors, raylet, Tune); by default they stay in Ray's log files")
+    return p
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),

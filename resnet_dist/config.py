@@ -164,9 +164,27 @@ def _plain(x: Any) -> Any:
 # 1 torch thread each, two runs at a time): lr 0.2 77.4%, 0.4 79.5%, 0.6 80.1%, 0.8 80.1%;
 # 0.8 dipped to 51% val in epoch 2, so 0.6. The sweep builds on the dataclass defaults, not this.
 FOUR_EPOCH_RECIPE: dict[str, dict[str, Any]] = {"data": {"pad": 2}, "optim": {"lr": 0.6, "label_smoothing": 0.2}}
+# A recipe for 94% test accuracy as fast as possible on one modern GPU (bench/gpu_check.sh):
+# Myrtle's ResNet-9 with the DAWNBench schedule shape (Page 2018: linear warm-up to 0.4 at
+# batch 512, then linear decay to 0; SGD-Nesterov 0.9, weight decay 5e-4), 4-px reflect crops,
+# flips and 8-px cutout, label smoothing 0.2, flip TTA, bf16 autocast, channels_last and
+# torch.compile (the last three are what "auto" picks on CUDA; compile is switched on here),
+# the data resident on the GPU and augmented there in batches (resnet_dist.loader). Page's
+# baseline reached 94% in 24 epochs; label smoothing and TTA should need fewer, so 18. Not yet
+# measured on a GPU (no GPU was lent when it was written): bench/gpu_check.sh measures it.
+# It runs on CPU too (slowly: ~6.6 M parameters), which is how the tests exercise it.
+GPU94_RECIPE: dict[str, dict[str, Any]] = {
+    "model": {"flavor": "resnet9"},
+    "data": {"pad": 4, "pad_mode": "reflect", "cutout": 8},
+    "optim": {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+              "label_smoothing": 0.2, "schedule": "onecycle", "warmup_epochs": 4.0},
+    "train": {"epochs": 18, "batch_size": 512, "compile": True, "eval_batch_size": 2000},
+}
 TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The full recipe: ResNet-20, 4 epochs, all 45,000 train images (~10 min on 2 CPU cores).
     "default": FOUR_EPOCH_RECIPE,
     # A first look in about a minute on 2 CPU cores: 1 epoch on 5,000 images.
     "quick": {**FOUR_EPOCH_RECIPE, "data": {**FOUR_EPOCH_RECIPE["data"], "train_subset": 5000}, "train": {"epochs": 1}},
+    # One modern GPU, 94% test accuracy as fast as possible (see GPU94_RECIPE).
+    "gpu94": GPU94_RECIPE,
 }

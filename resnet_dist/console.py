@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Sequence
 
 from rich.console import Console
@@ -10,7 +12,9 @@ from rich.table import Table
 
 from resnet_dist.training import TrainingHooks
 
-console = Console(log_path=False)
+# In a terminal rich fits its width; elsewhere (a `ray job submit` job log, a file) it
+# would default to 80 columns and cut the wider tables, so it takes COLUMNS or 160.
+console = Console(log_path=False, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 160))
 
 
 def history_table(history: Sequence[dict[str, float]], title: str = "Training") -> Table:

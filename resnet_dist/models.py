@@ -79,7 +79,10 @@ class ResNet(nn.Module):
 
     stem "cifar": 3x3 stride-1 conv for 32px inputs; "imagenet": 7x7 stride-2 conv
     and a 3x3 max-pool for 224px inputs. Every stage after the first halves the
-    spatial size.
+    spatial size with a stride-2 first block; with `conv_pool`, every stage instead
+    opens with a 3x3 conv to its width, BN, ReLU and a 2x2 max-pool, and its blocks
+    keep the size (Myrtle's ResNet-9, the DAWNBench CIFAR-10 net). `pool` is the
+    global pooling before the head: "avg" or "max".
     """
 
     def __init__(
@@ -92,6 +95,8 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         dropout: float = 0.0,
         zero_init_residual: bool = True,
+        conv_pool: bool = False,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         if len(layers) != len(widths):
@@ -108,12 +113,20 @@ class ResNet(nn.Module):
             )
         stages, in_ch = [], stem_width
         for i, (n, w) in enumerate(zip(layers, widths)):
-            blocks = []
+            blocks: list[nn.Module] = []
+            if conv_pool:
+                blocks.append(nn.Sequential(nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+                                            nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+                in_ch = w
             for j in range(n):
-                blocks.append(block_cls(in_ch, w, stride=2 if (i > 0 and j == 0) else 1))
+                stride = 2 if (i > 0 and j == 0 and not conv_pool) else 1
+                blocks.append(block_cls(in_ch, w, stride=stride))
                 in_ch = w * block_cls.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
+        if pool not in ("avg", "max"):
+            raise ConfigError(f"pool must be avg|max, got {pool!r}")
+        self.pool = pool
         self.num_features = in_ch
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
@@ -135,7 +148,8 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone: images (N, 3, H, W) -> pooled features (N, num_features)."""
         x = self.stages(self.stem(x))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        pooled = nn.functional.adaptive_max_pool2d(x, 1) if self.pool == "max" else nn.functional.adaptive_avg_pool2d(x, 1)
+        return torch.flatten(pooled, 1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(features))
@@ -155,6 +169,8 @@ class Flavor:
     widths: tuple[int, ...]
     stem_width: int
     stem: str = "cifar"
+    conv_pool: bool = False     # stages open with conv + max-pool (see ResNet)
+    pool: str = "avg"           # global pooling before the head
 
 
 def _cifar(n: int) -> Flavor:
@@ -175,6 +191,9 @@ FLAVORS: dict[str, Flavor] = {
     "resnet44": _cifar(7),
     "resnet56": _cifar(9),
     "resnet110": _cifar(18),
+    # Myrtle's ResNet-9 (Page 2018, DAWNBench): 64-128-256-512 channels, a residual block
+    # after the first and last pooling stages; the GPU 94% preset (config.TRAIN_PRESETS["gpu94"]).
+    "resnet9": Flavor("basic", (1, 0, 1), (128, 256, 512), 64, conv_pool=True, pool="max"),
     "resnet18": Flavor("basic", (2, 2, 2, 2), (64, 128, 256, 512), 64),
     "resnet34": Flavor("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64),
     "resnet50": Flavor("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64),
@@ -201,6 +220,8 @@ def build_model(cfg: ModelConfig) -> ResNet:
         num_classes=cfg.num_classes,
         dropout=cfg.dropout,
         zero_init_residual=cfg.zero_init_residual,
+        conv_pool=f.conv_pool,
+        pool=f.pool,
     )
 
 

@@ -181,11 +181,13 @@ def test_full_finetuning_on_a_three_class_folder_and_the_report(sweep):
 
 
 def test_finetune_job_in_head_mode_on_ray_train_trains_only_the_head(sweep, ray_cluster, tiny_data_dir, tmp_path):
-    """jobs/finetune.py on the shared cluster, from the sweep's directory (its best.pt)."""
+    """jobs/finetune.py on the shared cluster, from the sweep's directory (its best.pt), with
+    every path relative to where it is run, as in the README (Train's workers run elsewhere)."""
     out = tmp_path / "head"
-    run = subprocess.run([sys.executable, "jobs/finetune.py", "--checkpoint", str(sweep["dir"]), "--data",
-                          str(tiny_data_dir), "--mode", "head", "--epochs", "1", "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    rel = lambda p: os.path.relpath(p, tmp_path)   # noqa: E731
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / "finetune.py"), "--checkpoint", rel(sweep["dir"]),
+                          "--data", rel(tiny_data_dir), "--mode", "head", "--epochs", "1", "--out", "head"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     before = load_checkpoint(sweep["dir"] / "best.pt")["model_state"]
     after = load_checkpoint(out / "finetuned.pt")["model_state"]

@@ -4,8 +4,8 @@ import torch
 from resnet_dist.config import ConfigError, ModelConfig
 from resnet_dist.models import FLAVORS, build_model, count_parameters
 
-# Published parameter counts for 10 classes (He et al. 2016; torchvision's ResNet-18 with a CIFAR stem).
-PUBLISHED = {"resnet20": 0.27e6, "resnet56": 0.85e6, "resnet110": 1.7e6, "resnet18": 11.2e6}
+# Published parameter counts for 10 classes (He et al. 2016; Myrtle.ai ResNet-9, 2018; torchvision's ResNet-18 with a CIFAR stem).
+PUBLISHED = {"resnet9": 6.5e6, "resnet20": 0.27e6, "resnet56": 0.85e6, "resnet110": 1.7e6, "resnet18": 11.2e6}
 
 
 @pytest.mark.parametrize("flavor,expected", PUBLISHED.items())
