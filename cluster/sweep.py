@@ -19,19 +19,24 @@ import ray.tune as tune
 
 from cluster.progress import fit_streaming
 from cluster.runtime import cluster_cpus, cluster_gpus, connect
+from cluster.tracking import TrackingConfig, log_artifacts
 from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_threads
-from cluster.tune import AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config
+from cluster.tune import (
+    TRIAL_DRIVER_CPUS, AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config,
+)
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import OPTIMIZERS, ConfigError, RunConfig
 from resnet_dist.data import ensure_prepared, is_prepared, read_manifest
-from resnet_dist.finetune import FinetuneConfig, finetune_run_config
+from resnet_dist.finetune import FinetuneConfig, auto_schedule, finetune_run_config, finetune_start
 from resnet_dist.inference import SWEEP_FINETUNED
 from resnet_dist.metrics import classification_report
-from resnet_dist.report import write_report
+from resnet_dist.report import sweep_cost, trial_cost, write_report
 from resnet_dist.training import evaluate_checkpoint, write_json
 
 FINETUNED_CHECKPOINT = SWEEP_FINETUNED[-1]   # what serving looks for in a sweep directory
+FINETUNE_RUN = "finetune"                    # Train run, TensorBoard run and MLflow run of fine-tuning
 SELECTED_CHECKPOINT = "best.pt"
+PROBE_CHECKPOINT = "probe.pt"                # the linear probe fine-tuning starts from (other classes)
 
 
 @dataclass(frozen=True)
@@ -47,15 +52,18 @@ class SweepConfig:
     train_subset: int = 0           # train images per epoch in the sweep (0 = all)
     seed: int = 0
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(mode="full"))
-    finetune_epochs: int = 1
+    finetune_epochs: int = 0        # 0 = sized to the data: >= MIN_STEPS optimizer steps (finetune.auto_schedule)
     finetune_lr: float = 0.02
     # Fine-tuning's own optimizer, so that finetune_lr means one thing whichever optimizer the
     # selected trial used (AdamW at an SGD rate diverges); momentum and weight decay stay the trial's.
     finetune_optimizer: str = "sgd"
     finetune_data: str = ""         # "" = CIFAR-10 (train+val); else an image folder/archive with its own classes
     finetune_subset: int = 0
-    finetune_batch_size: int = 0    # 0 = the selected trial's batch size
+    finetune_batch_size: int = 0    # 0 = sized to the data: ~1/20 of it, at most the selected trial's batch
     serve: bool = False
+    # MLflow tracking URI; None = a file store in the sweep directory (mlruns/), "off" = no MLflow.
+    # TensorBoard events always go to the sweep directory's tensorboard/.
+    mlflow_uri: str | None = None
     # "pipeline": Ray Data augments every epoch; "device": each worker reads its shard once and
     # augments it with torch in the training process; "auto": device on GPUs, pipeline on CPUs.
     data_path: str = "auto"
@@ -116,9 +124,9 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
     if cfg.finetune_optimizer not in OPTIMIZERS:
         raise ConfigError(f"--finetune-optimizer must be {'|'.join(OPTIMIZERS)}, got {cfg.finetune_optimizer!r}")
-    if cfg.finetune_epochs < 1 or not cfg.finetune_lr > 0 or cfg.finetune_subset < 0 or cfg.finetune_batch_size < 0:
-        raise ConfigError("--finetune-epochs must be >= 1, --finetune-lr > 0, --finetune-subset and "
-                          "--finetune-batch-size >= 0")
+    if cfg.finetune_epochs < 0 or not cfg.finetune_lr > 0 or cfg.finetune_subset < 0 or cfg.finetune_batch_size < 0:
+        raise ConfigError("--finetune-epochs, --finetune-subset and --finetune-batch-size must be >= 0 "
+                          "(0 = from the data's size), --finetune-lr > 0")
     read_manifest(cfg.data_dir)
     if cfg.finetune_data and not Path(cfg.finetune_data).exists():
         raise ConfigError(f"fine-tuning data {cfg.finetune_data} does not exist")
@@ -148,8 +156,12 @@ def base_run_config(cfg: SweepConfig) -> RunConfig:
     )
 
 
-def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int) -> list[dict[str, Any]]:
-    """One row per trial: sampled config, epochs run, best val acc and its checkpoint, ASHA stop."""
+def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int,
+                   resources: TrialResources) -> list[dict[str, Any]]:
+    """One row per trial: sampled config, epochs run, best val acc and its checkpoint, ASHA stop,
+    and its cost (wall, CPU- and GPU-seconds held, images; resnet_dist.report.trial_cost)."""
+    cpus = resources.workers * resources.cpus_per_worker + TRIAL_DRIVER_CPUS
+    gpus = resources.workers if resources.use_gpu else 0
     rows = []
     for r in results:
         df = r.metrics_dataframe
@@ -171,6 +183,7 @@ def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int) -
             "stopped_at_epoch": epochs_run if epochs_run < max_epochs else None,
             "history": list(zip(df["epoch"].astype(int).tolist(), df["val_acc"].astype(float).tolist())),
             "config": run.to_dict(),
+            "cost": trial_cost(df.to_dict("records"), cpus, gpus, max_epochs),
         })
     return rows
 
@@ -258,30 +271,41 @@ class LiveTrials(tune.Callback):
 
 
 def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resources: TrialResources,
-                         console) -> dict[str, Any]:
-    """Fine-tune `source` on Ray Train; returns the fine-tuned checkpoint dict."""
+                         console, ft: FinetuneConfig | None = None) -> dict[str, Any]:
+    """Fine-tune `source` on Ray Train (with `ft`, default cfg.finetune); returns the fine-tuned
+    checkpoint dict."""
     from resnet_dist.console import history_table
 
+    ft = ft or cfg.finetune
     src = load_checkpoint(source)
+    data_manifest = read_manifest(data_dir)
     # The backbone learnt on inputs normalised with the source data's statistics; keep them.
-    manifest = {**read_manifest(data_dir), "mean": src["mean"], "std": src["std"]}
-    run = finetune_run_config(src["run_config"], epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                              optimizer=cfg.finetune_optimizer, subset=cfg.finetune_subset,
-                              batch_size=cfg.finetune_batch_size).replace(data={"data_dir": str(data_dir)})
+    manifest = {**data_manifest, "mean": src["mean"], "std": src["std"]}
     # CIFAR-10 itself: model selection is done, so train on train + val; a user's data keeps val held out.
     splits = ("train", "val") if not cfg.finetune_data else ("train",)
+    n_train = sum(data_manifest["counts"][s] for s in splits)
+    epochs, batch = auto_schedule(min(n_train, cfg.finetune_subset or n_train),
+                                  RunConfig.from_dict(src["run_config"]).train.batch_size,
+                                  cfg.finetune_epochs, cfg.finetune_batch_size)
     workers = resources.workers * resources.max_concurrent   # fine-tuning runs alone: use every trial slot
+    batch = max(workers, batch - batch % workers)             # each worker gets batch / workers
+    run = finetune_run_config(src["run_config"], epochs=epochs, lr=cfg.finetune_lr,
+                              optimizer=cfg.finetune_optimizer, subset=cfg.finetune_subset,
+                              batch_size=batch).replace(data={"data_dir": str(data_dir)})
+    console.print(f"fine-tuning ({ft.mode}): {epochs} epochs of {n_train:,} images at batch {batch}, "
+                  f"{cfg.finetune_optimizer} lr {cfg.finetune_lr:g}")
+    tracking = replace(sweep_tracking(cfg), run_name=FINETUNE_RUN, tags={"source": str(source)})
     job = WorkerJob(run, manifest, default_threads(workers, resources.cpus_per_worker),
                     tags={"run": f"{cfg.name}-finetune"}, data_path=resources.data_path, train_splits=splits,
-                    init_checkpoint=str(source), finetune=asdict(cfg.finetune))
+                    init_checkpoint=str(source), finetune=asdict(ft), tracking=tracking.to_dict())
     history: list[dict] = []
 
     def on_report(r: dict) -> None:
         history.append(r["metrics"][0])
-        console.print(history_table(history, title=f"Fine-tuning ({cfg.finetune.mode})"))
+        console.print(history_table(history, title=f"Fine-tuning ({ft.mode})"))
 
     result = fit_streaming(lambda cbs: build_trainer(
-        job, str(data_dir), workers, "finetune", str(cfg.sweep_dir / "train"), resources.use_gpu,
+        job, str(data_dir), workers, FINETUNE_RUN, str(cfg.sweep_dir / "train"), resources.use_gpu,
         resources.cpus_per_worker, 1, cbs), on_report)
     with result.checkpoint.as_directory() as d:   # the last epoch: train+val leaves nothing to select on
         return load_checkpoint(Path(d) / CHECKPOINT_FILE)
@@ -289,35 +313,42 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
 
 def finetune_stage(cfg: SweepConfig, source: Path, resources: TrialResources, console) -> dict[str, Any]:
     """Fine-tune `source` (cfg.finetune*) on Ray Train and evaluate it on the test split before
-    and after; writes cfg.sweep_dir/finetuned.pt, which serving loads. `before` is None when
-    the data has other classes than the checkpoint (its head cannot predict them)."""
+    and after; writes cfg.sweep_dir/finetuned.pt, which serving loads. "Before" is the source
+    checkpoint, or for data with other classes the linear probe on its frozen backbone, whose
+    head (probe.pt) fine-tuning then starts from (resnet_dist.finetune.finetune_start)."""
     selected = load_checkpoint(source)
     ft_data = (ensure_prepared(cfg.finetune_data, cfg.sweep_dir / "finetune-data") if cfg.finetune_data
                else Path(cfg.data_dir).resolve())
-    before = evaluate_checkpoint(selected, ft_data, "test") if _same_classes(selected, ft_data) else None
-    tuned = finetune_distributed(cfg, source, ft_data, resources, console)
+    start, ft, before, before_kind = finetune_start(selected, ft_data, cfg.finetune)
+    if start is not selected:
+        source = save_checkpoint(start, cfg.sweep_dir / PROBE_CHECKPOINT)
+    console.print(f"before fine-tuning ({before_kind}): test accuracy {before.accuracy:.2%}")
+    tuned = finetune_distributed(cfg, source, ft_data, resources, console, ft)
     after = evaluate_checkpoint(tuned, ft_data, "test")
     tuned["metrics"]["test_acc"] = after.accuracy   # serving reports it (GET /v1/model)
     save_checkpoint(tuned, cfg.sweep_dir / FINETUNED_CHECKPOINT)
     after_rep = classification_report(after.confusion, tuned["classes"])
-    before_rep = classification_report(before.confusion, selected["classes"]) if before else _na_report(after_rep)
-    return {"tuned": tuned, "before": before_rep, "after": after_rep, "data_dir": ft_data}
+    before_rep = classification_report(before.confusion, tuned["classes"])
+    return {"tuned": tuned, "before": before_rep, "before_kind": before_kind, "after": after_rep, "data_dir": ft_data}
 
 
 def finetune_job(source: Path, data: Path, out: Path, ft: FinetuneConfig, *, epochs: int, lr: float, optimizer: str,
-                 subset: int, batch_size: int, workers: int, console) -> dict[str, Any]:
+                 subset: int, batch_size: int, workers: int, console, mlflow_uri: str | None = None) -> dict[str, Any]:
     """jobs/finetune.py on Ray: `data` is prepared Parquet or a raw image folder/archive;
     out/ gets finetuned.pt (what serving loads) and finetune.json."""
     prepared = is_prepared(data)
     cfg = SweepConfig(name=out.name, storage=str(out.parent), data_dir=str(data) if prepared else "",
                       finetune=ft, finetune_epochs=epochs, finetune_lr=lr, finetune_optimizer=optimizer,
                       finetune_data="" if prepared else str(data),
-                      finetune_subset=subset, finetune_batch_size=batch_size)
+                      finetune_subset=subset, finetune_batch_size=batch_size, mlflow_uri=mlflow_uri)
     connect()
     resources = plan_resources(workers, 1, cluster_cpus(), cluster_gpus(), os.cpu_count() or 1)
     stage = finetune_stage(cfg, source, resources, console)
-    summary = {"source": str(source), "mode": ft.mode, "before": stage["before"], "after": stage["after"]}
+    summary = {"source": str(source), "mode": ft.mode, "before": stage["before"], "before_kind": stage["before_kind"],
+               "after": stage["after"]}
     write_json(out / "finetune.json", summary)
+    log_artifacts(sweep_tracking(cfg), FINETUNE_RUN, [out / FINETUNED_CHECKPOINT, out / "finetune.json"],
+                  {"test_acc_before": stage["before"]["accuracy"], "test_acc_after": stage["after"]["accuracy"]})
     return summary
 
 
@@ -333,15 +364,16 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     if cfg.data_path != "auto":
         resources = replace(resources, data_path=cfg.data_path)
     base = base_run_config(cfg)
+    tracking = sweep_tracking(cfg)
     plan = {"base": base.to_dict(), "manifest": manifest, "resources": asdict(resources), "name": cfg.name,
-            "train_storage": str(sweep_dir / "train")}
+            "train_storage": str(sweep_dir / "train"), "tracking": tracking.to_dict()}
     console.print(f"[bold]sweep[/bold] {cfg.name}: {cfg.num_samples} trials, ASHA max {cfg.asha.max_epochs} epochs, "
                   f"{resources.max_concurrent} at a time x {resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
                   f"{' + 1 GPU' if resources.use_gpu else ''} -> {sweep_dir}")
     tuner = build_tuner("tune", str(sweep_dir), cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
                         callbacks=[LiveTrials(cfg.asha.max_epochs)])
     results = tuner.fit()
-    trials = collect_trials(results, base, cfg.asha.max_epochs)
+    trials = collect_trials(results, base, cfg.asha.max_epochs, resources)
     if not trials:
         raise RuntimeError(f"no trial reported a result; see {sweep_dir / 'tune'}")
     best = max(trials, key=lambda t: t["best_val_acc"])
@@ -350,33 +382,34 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     write_json(sweep_dir / "best_config.json", {"trial_id": best["trial_id"], "val_acc": best["best_val_acc"],
                                                 "epoch": selected["epoch"], "config": best["config"]})
     console.print(f"best trial {best['trial_id']}: val acc {best['best_val_acc']:.2%} at epoch {selected['epoch']}")
+    log_artifacts(tracking, best["trial_id"], [sweep_dir / SELECTED_CHECKPOINT, sweep_dir / "best_config.json"])
 
     stage = finetune_stage(cfg, sweep_dir / SELECTED_CHECKPOINT, resources, console)
     before_rep, after_rep = stage["before"], stage["after"]
     report = write_report(
         sweep_dir, title=f"Sweep {cfg.name}", trials=trials, max_epochs=cfg.asha.max_epochs, best=best,
         before=before_rep, after=after_rep,
-        finetune={"mode": cfg.finetune.mode, "epochs": cfg.finetune_epochs,
-                  "data": cfg.finetune_data or "CIFAR-10 train+val"},
+        finetune={"mode": cfg.finetune.mode, "epochs": stage["tuned"]["epoch"],
+                  "data": cfg.finetune_data or "CIFAR-10 train+val", "before": stage["before_kind"]},
         notes=[f"data: {cfg.data_dir} (fingerprint {manifest['fingerprint'][:16]})",
                f"wall time of the pipeline up to this report: {time.perf_counter() - t0:.0f} s"],
     )
     summary = {"name": cfg.name, "sweep_dir": str(sweep_dir), "trials": [{k: v for k, v in t.items() if k != "config"}
                for t in trials], "best": best["trial_id"], "best_val_acc": best["best_val_acc"],
-               "before": before_rep, "after": after_rep, "report": str(report),
-               "stopped_early": sum(t["stopped_early"] for t in trials), "seconds": time.perf_counter() - t0}
+               "before": before_rep, "before_kind": stage["before_kind"], "after": after_rep, "report": str(report),
+               "stopped_early": sum(t["stopped_early"] for t in trials), "cost": sweep_cost(trials),
+               "seconds": time.perf_counter() - t0}
     write_json(sweep_dir / "summary.json", summary)
+    log_artifacts(tracking, FINETUNE_RUN, [sweep_dir / FINETUNED_CHECKPOINT, report, sweep_dir / "summary.json",
+                                           sweep_dir / "trials.csv"],
+                  {"test_acc_before": before_rep["accuracy"], "test_acc_after": after_rep["accuracy"]})
     return summary
 
 
-def _same_classes(ckpt: dict[str, Any], data_dir: Path) -> bool:
-    return list(ckpt["classes"]) == list(read_manifest(data_dir)["classes"])
-
-
-def _na_report(like: dict[str, Any]) -> dict[str, Any]:
-    """'Before' for a data set with other classes: the old head cannot predict them."""
-    return {"accuracy": float("nan"), "macro_f1": float("nan"), "per_class": {}, "classes": like["classes"],
-            "confusion_matrix": [[0] * len(like["classes"]) for _ in like["classes"]]}
+def sweep_tracking(cfg: SweepConfig) -> TrackingConfig:
+    """TensorBoard and MLflow of a sweep: its directory's tensorboard/ and mlruns/, one
+    experiment named after the sweep, one run per trial (its id) and one for fine-tuning."""
+    return TrackingConfig.for_dir(cfg.sweep_dir, cfg.name, "", cfg.mlflow_uri)
 
 
 def add_sweep_args(p) -> None:
@@ -405,13 +438,16 @@ def add_sweep_args(p) -> None:
     a("--finetune-backbone-lr-scale", type=float, help="lr multiplier of the pretrained layers that train")
     a("--finetune-reset-head", action=argparse.BooleanOptionalAction,
       help="a new random head even when the classes are the same (it is always new for other classes)")
-    a("--finetune-epochs", type=int)
+    a("--finetune-epochs", type=int, help="epochs of fine-tuning (0 = enough for 300 optimizer steps)")
     a("--finetune-lr", type=float, help="peak lr of fine-tuning (the head's; see --finetune-mode)")
     a("--finetune-optimizer", choices=OPTIMIZERS, help="optimizer of fine-tuning (default: sgd)")
     a("--finetune-data", help="an image folder/archive with its own classes (default: CIFAR-10 train+val)")
     a("--finetune-subset", type=int, help="fine-tuning images per epoch (0 = all)")
-    a("--finetune-batch-size", type=int, help="global batch of fine-tuning (0 = the selected trial's)")
+    a("--finetune-batch-size", type=int, help="global batch of fine-tuning (0 = ~1/20 of the images, "
+                                              "16 to the selected trial's batch)")
     a("--serve", action=argparse.BooleanOptionalAction, help="deploy the fine-tuned model on Ray Serve at the end")
+    a("--mlflow-uri", help="MLflow tracking URI, e.g. http://mlflow:5000 (default: a file store in the sweep "
+                           "directory, mlruns/; off = no MLflow)")
 
 
 def sweep_config_from_args(args) -> SweepConfig:
@@ -419,7 +455,7 @@ def sweep_config_from_args(args) -> SweepConfig:
     top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
                                          "max_concurrent", "train_subset", "seed", "data_path", "finetune_epochs",
                                          "finetune_lr", "finetune_optimizer", "finetune_data", "finetune_subset",
-                                         "finetune_batch_size", "serve") if getattr(args, k) is not None}
+                                         "finetune_batch_size", "serve", "mlflow_uri") if getattr(args, k) is not None}
     space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",
                                                    "batch_sizes", "label_smoothing", "schedules", "lr_mult",
                                                    "weight_decay") if getattr(args, k) is not None}

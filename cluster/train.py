@@ -22,6 +22,7 @@ import torch
 
 from cluster.data import build_datasets, materialize, torch_batches
 from cluster.metrics import TrainMetrics
+from cluster.tracking import TRAIN_EXPERIMENT, Tracker, TrackingConfig, log_artifacts
 from resnet_dist.checkpoint import CHECKPOINT_FILE, build_checkpoint, load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig
 from resnet_dist.engine import evaluate, train_epoch
@@ -47,16 +48,17 @@ class WorkerJob:
     train_splits: tuple[str, ...] = ("train",)   # fine-tuning on CIFAR-10 trains on train + val
     init_checkpoint: str = ""                    # fine-tuning: the checkpoint to start from
     finetune: dict[str, Any] | None = None       # fine-tuning: FinetuneConfig fields
+    tracking: dict[str, Any] | None = None       # cluster.tracking.TrackingConfig fields; rank 0 logs
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run.to_dict(), "manifest": self.manifest, "threads": self.threads, "tags": self.tags,
                 "data_path": self.data_path, "train_splits": list(self.train_splits),
-                "init_checkpoint": self.init_checkpoint, "finetune": self.finetune}
+                "init_checkpoint": self.init_checkpoint, "finetune": self.finetune, "tracking": self.tracking}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WorkerJob":
         return cls(RunConfig.from_dict(d["run"]), d["manifest"], d["threads"], d["tags"], d["data_path"],
-                   tuple(d["train_splits"]), d["init_checkpoint"], d["finetune"])
+                   tuple(d["train_splits"]), d["init_checkpoint"], d["finetune"], d.get("tracking"))
 
 
 def steps_per_epoch(job: WorkerJob) -> int:
@@ -94,6 +96,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history = list(ckpt["extra"].get("history", []))
 
     metrics = TrainMetrics({**job.tags, "rank": str(rank)})
+    tracker = None
+    if job.tracking and rank == 0:
+        tracker = Tracker(TrackingConfig(**job.tracking), params={"config": cfg.to_dict(), **job.tags,
+                                                                 "finetune": job.finetune or {}})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     on_device, val_on_device = None, None
@@ -124,7 +130,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record["resumed_from_epoch"] = start_epoch
         history.append(record)
         metrics.observe_epoch(stats, record)
+        if tracker is not None:
+            tracker.log_epoch(record)
         _report(record, history, state, job, model_cfg, rank)
+    if tracker is not None:
+        tracker.close()
 
 
 def _report(record: dict, history: list, state, job: WorkerJob, model_cfg: ModelConfig, rank: int) -> None:
@@ -192,7 +202,7 @@ def build_trainer(
 
 def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0,
                     cpus_per_worker: float | None = None, max_failures: int = 2,
-                    data_path: str = "auto") -> dict[str, Any]:
+                    data_path: str = "auto", mlflow_uri: str | None = None) -> dict[str, Any]:
     """`jobs/train.py` without `--local`: DDP on Ray Train, the same outputs as a local run.
 
     `run_dir` is STORAGE/NAME for Ray Train: re-running with the same run dir
@@ -210,9 +220,11 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     check_resources(cfg, workers, use_gpu)
     manifest = read_manifest(cfg.data.data_dir)
     cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers, use_gpu)
-    job = WorkerJob(cfg, manifest, threads or default_threads(workers, cpus), tags={"run": Path(run_dir).name},
-                    data_path=data_path if data_path != "auto" else ("device" if use_gpu else "pipeline"))
     run_path = Path(run_dir).resolve()
+    tracking = TrackingConfig.for_dir(run_path, TRAIN_EXPERIMENT, run_path.name, mlflow_uri)
+    job = WorkerJob(cfg, manifest, threads or default_threads(workers, cpus), tags={"run": run_path.name},
+                    data_path=data_path if data_path != "auto" else ("device" if use_gpu else "pipeline"),
+                    tracking=tracking.to_dict())
     console.print(f"[bold]Ray Train[/bold]: {workers} workers x {cpus:g} CPU{' + 1 GPU' if use_gpu else ''}, "
                   f"{job.data_path} data path, "
                   f"{cfg.model.flavor}, {cfg.train.epochs} epochs, global batch {cfg.train.batch_size} -> {run_path}")
@@ -244,6 +256,8 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     best["metrics"]["test_acc"] = test.accuracy   # serving reports it (GET /v1/model)
     save_checkpoint(best, run_path / BEST_CHECKPOINT)
     summary = write_summary(run_path, cfg, last["extra"]["history"], best, test)
+    log_artifacts(tracking, run_path.name, [run_path / BEST_CHECKPOINT, run_path / "metrics.json"],
+                  {"test_acc": test.accuracy})
     print_eval_report(summary["test"], "test (best val checkpoint)")
     return summary
 

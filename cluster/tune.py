@@ -121,8 +121,9 @@ def trial_fn(config: dict[str, Any]) -> None:
     res = TrialResources(**plan["resources"])
     cfg = trial_run_config(RunConfig.from_dict(plan["base"]), config)
     trial_id = tune.get_context().get_trial_id()
+    tracking = {**plan["tracking"], "run_name": trial_id, "tags": {"trial": trial_id}} if plan.get("tracking") else None
     job = WorkerJob(cfg, plan["manifest"], res.threads, tags={"run": plan["name"], "trial": trial_id},
-                    data_path=res.data_path)
+                    data_path=res.data_path, tracking=tracking)
     # The Train run is named after the trial, so a restored trial resumes its own checkpoints.
     build_trainer(job, cfg.data.data_dir, res.workers, f"trial-{trial_id}", plan["train_storage"], res.use_gpu,
                   res.cpus_per_worker, max_failures=1, callbacks=[TuneReportCallback()]).fit()

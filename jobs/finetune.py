@@ -24,35 +24,45 @@ from resnet_dist.data import DataError
 def main(argv=None) -> None:
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
     from resnet_dist.console import console, print_eval_report
-    from resnet_dist.finetune import FINETUNE_MODES, FinetuneConfig
+    from resnet_dist.finetune import FINETUNE_MODES, MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH, FinetuneConfig
     from resnet_dist.training import BEST_CHECKPOINT
 
     p = job_parser(__doc__, ray=True)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
     p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
-    p.add_argument("--mode", choices=FINETUNE_MODES, default="head", help="what trains (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--mode", choices=FINETUNE_MODES, default="full", help="what trains (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help=f"epochs (default 0: enough for {MIN_STEPS} optimizer steps at the batch below)")
     p.add_argument("--lr", type=float, default=0.05, help="peak lr of the head (default: %(default)s)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="(default: %(default)s)")
-    p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="lr multiplier of pretrained layers that train")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                   help="lr multiplier of pretrained layers that train (default: %(default)s)")
     p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
                    help="a new head even for the same classes (always new for other classes)")
+    p.add_argument("--probe-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="for other classes, start the head from the linear probe on the frozen backbone "
+                        "(LP-FT; the probe is also what 'before' reports) instead of random weights")
     p.add_argument("--subset", type=int, default=0, help="training images per epoch (0 = all)")
-    p.add_argument("--batch-size", type=int, default=0, help="global batch (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help=f"global batch (default 0: about 1/{STEPS_PER_EPOCH} of the train images, "
+                        f"{MIN_BATCH} to the checkpoint's batch)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store in OUT/mlruns; off = none)")
     args = p.parse_args(argv)
 
-    ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale)
+    ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale,
+                        probe_init=args.probe_init)
     # Absolute once, here: Ray Train's controller and workers run in other directories.
     source = Path(args.checkpoint).resolve()
     source = source / BEST_CHECKPOINT if (source / BEST_CHECKPOINT).is_file() else source
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
     try:
         ft.validate()
-        if args.epochs < 1 or not args.lr > 0 or args.subset < 0 or args.workers < 1 or args.batch_size < 0:
-            raise ConfigError("--epochs and --workers must be >= 1, --lr > 0, --subset and --batch-size >= 0")
+        if args.epochs < 0 or not args.lr > 0 or args.subset < 0 or args.workers < 1 or args.batch_size < 0:
+            raise ConfigError("--epochs, --subset and --batch-size must be >= 0 (0 = from the data's size), "
+                              "--workers >= 1, --lr > 0")
         if not source.is_file():
             raise ConfigError(f"no checkpoint at {source}")
         src = load_checkpoint(source)
@@ -61,20 +71,26 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         run = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "subset": args.subset, "batch_size": args.batch_size}
         if args.local:
+            from cluster.tracking import TrackedHooks, Tracker, TrackingConfig
+            from resnet_dist.console import RichHooks
             from resnet_dist.finetune import finetune_job_local
 
-            summary = finetune_job_local(src, source, data, out, ft, **run)
+            tracker = Tracker(TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri),
+                              params={"source": str(source), "mode": ft.mode, **run})
+            summary = finetune_job_local(src, source, data, out, ft, hooks=TrackedHooks(RichHooks(), tracker), **run)
+            tracker.log_metrics({"test_acc_after": summary["after"]["accuracy"]})
+            tracker.close()
         else:
             from cluster.runtime import set_verbose
             from cluster.sweep import finetune_job
 
             set_verbose(args.verbose)
 
-            summary = finetune_job(source, data, out, ft, workers=args.workers, console=console, **run)
+            summary = finetune_job(source, data, out, ft, workers=args.workers, console=console,
+                                   mlflow_uri=args.mlflow_uri, **run)
     except (ConfigError, DataError, CheckpointError) as e:
         die(str(e))
-    if summary["before"]["per_class"]:
-        print_eval_report(summary["before"], "test, before fine-tuning")
+    print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")
     print_eval_report(summary["after"], "test, after fine-tuning")
     console.print(f"fine-tuned {args.mode} from {source} -> {out}")
 

@@ -30,11 +30,10 @@ def main(argv=None) -> None:
     except (ConfigError, DataError) as e:
         die(str(e))
     summary = run_sweep(cfg, console)
-    if summary["before"]["per_class"]:
-        print_eval_report(summary["before"], "test, before fine-tuning")
+    print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")
     print_eval_report(summary["after"], "test, after fine-tuning")
     console.print(f"{summary['stopped_early']} of {len(summary['trials'])} trials stopped early by ASHA; "
-                  f"report: {summary['report']} ({summary['seconds']:.0f} s)")
+                  f"report: {summary['report']} ({summary['seconds']:.0f} s)", soft_wrap=True)
     if cfg.serve:
         from cluster.sweep import serve_and_probe
 

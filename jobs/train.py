@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-path", choices=["auto", "pipeline", "device"], default="auto",
                    help="Ray Data augments each epoch (pipeline) or workers augment on their device (default: device on GPU)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default: %(default)s)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store in RUN_DIR/mlruns; off = none)")
     add_config_args(p, base=RunConfig().replace(**TRAIN_PRESETS["default"]))
     return p.parse_args(argv)
 
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
         die(str(e))
     run_dir = args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.local:
-        run_local(cfg, run_dir, args.threads)
+        run_local(cfg, run_dir, args.threads, args.mlflow_uri)
     else:
         from cluster.runtime import set_verbose
         from cluster.train import run_distributed
@@ -49,22 +50,31 @@ def main(argv=None) -> None:
 
         try:
             run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker, args.max_failures,
-                            args.data_path)
+                            args.data_path, args.mlflow_uri)
         except ConfigError as e:
             die(str(e))
 
 
-def run_local(cfg: RunConfig, run_dir: str, threads: int) -> None:
+def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None) -> None:
+    from pathlib import Path
+
     import torch
 
+    from cluster.tracking import TRAIN_EXPERIMENT, TrackedHooks, Tracker, TrackingConfig, log_artifacts
     from resnet_dist.console import RichHooks, console, print_eval_report
-    from resnet_dist.training import fit_local
+    from resnet_dist.training import BEST_CHECKPOINT, fit_local
 
     if threads:
         torch.set_num_threads(threads)
     console.print(f"[bold]local training[/bold] {cfg.model.flavor} x{cfg.model.width}, {cfg.train.epochs} epochs, "
                   f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
-    summary = fit_local(cfg, run_dir, RichHooks())
+    out = Path(run_dir).resolve()
+    tracking = TrackingConfig.for_dir(out, TRAIN_EXPERIMENT, out.name, mlflow_uri)
+    tracker = Tracker(tracking, params={"config": cfg.to_dict()})
+    summary = fit_local(cfg, run_dir, TrackedHooks(RichHooks(), tracker))
+    tracker.close()
+    log_artifacts(tracking, out.name, [out / BEST_CHECKPOINT, out / "metrics.json"],
+                  {"test_acc": summary["test"]["accuracy"]})
     print_eval_report(summary["test"], "test (best val checkpoint)")
     console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
 

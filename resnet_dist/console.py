@@ -12,9 +12,18 @@ from rich.table import Table
 
 from resnet_dist.training import TrainingHooks
 
-# In a terminal rich fits its width; elsewhere (a `ray job submit` job log, a file) it
-# would default to 80 columns and cut the wider tables, so it takes COLUMNS or 160.
-console = Console(log_path=False, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 160))
+
+def _columns() -> int:
+    try:
+        return int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        return 0
+
+
+# In a terminal rich fits its width. Elsewhere (a `ray job submit` job log, a file) there is
+# no width to fit, and rich would take COLUMNS or 80 and cut the wider tables: 160 holds them all.
+JOB_LOG_WIDTH = 160
+console = Console(log_path=False, width=None if sys.stdout.isatty() else max(JOB_LOG_WIDTH, _columns()))
 
 
 def history_table(history: Sequence[dict[str, float]], title: str = "Training") -> Table:

@@ -13,9 +13,10 @@ matplotlib.use("Agg")   # render to files; there is no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+COST_COLUMNS = ("wall_s", "cpu_s", "gpu_s", "images", "train_s", "outside_train_share")
 TRIAL_COLUMNS = ("trial_id", "status", "flavor", "width", "block", "optimizer", "lr", "weight_decay", "momentum",
                  "batch_size", "label_smoothing", "schedule", "epochs_run", "best_val_acc", "stopped_early",
-                 "stopped_at_epoch")
+                 "stopped_at_epoch", *COST_COLUMNS)
 
 
 def asha_savings(trials: Sequence[dict[str, Any]], max_epochs: int) -> float:
@@ -24,11 +25,45 @@ def asha_savings(trials: Sequence[dict[str, Any]], max_epochs: int) -> float:
     return sum(t["epochs_run"] for t in trials) / planned if planned else 0.0
 
 
+def trial_cost(epochs: Sequence[dict[str, float]], cpus: float, gpus: float, max_epochs: int) -> dict[str, float]:
+    """What one trial held and did, from its per-epoch results (in epoch order).
+
+    Each result needs Tune's `time_total_s` (seconds since the trial started) and
+    `time_this_iter_s` (since its previous report), and the loop's `epoch_s` (training steps
+    only, seconds) and `images` (all workers). Resources are held for the trial's whole wall
+    time, so CPU-seconds = CPUs reserved x wall seconds (GPUs alike). `full_*` projects the
+    trial to `max_epochs`, every further epoch costing the mean of its later reports (its first
+    report also carries the start-up), for the savings against running every trial to the end.
+    """
+    wall = float(epochs[-1]["time_total_s"]) if epochs else 0.0
+    train = sum(float(e["epoch_s"]) for e in epochs)
+    iters = [float(e["time_this_iter_s"]) for e in epochs]
+    per_epoch = sum(iters[1:]) / len(iters[1:]) if len(iters) > 1 else (float(epochs[0]["epoch_s"]) if epochs else 0.0)
+    full_wall = wall + max(0, max_epochs - len(epochs)) * per_epoch
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpus * wall, 2), "gpu_s": round(gpus * wall, 2),
+            "images": int(sum(float(e["images"]) for e in epochs)), "train_s": round(train, 2),
+            "outside_train_share": round(1 - train / wall, 4) if wall > 0 else 0.0,
+            "full_wall_s": round(full_wall, 2), "full_cpu_s": round(cpus * full_wall, 2),
+            "full_gpu_s": round(gpus * full_wall, 2)}
+
+
+def sweep_cost(trials: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The sweep's totals of `trial_cost`, and what ASHA saved against every trial run to max_t
+    (a share of CPU-seconds; GPU-seconds alike on a GPU cluster)."""
+    total = {k: sum(t["cost"][k] for t in trials) for k in
+             ("wall_s", "cpu_s", "gpu_s", "images", "train_s", "full_wall_s", "full_cpu_s", "full_gpu_s")}
+    total["outside_train_share"] = 1 - total["train_s"] / total["wall_s"] if total["wall_s"] else 0.0
+    full = total["full_gpu_s"] or total["full_cpu_s"]
+    used = total["gpu_s"] if total["full_gpu_s"] else total["cpu_s"]
+    total["asha_saved_share"] = 1 - used / full if full else 0.0
+    return total
+
+
 def write_trials_csv(trials: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=TRIAL_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(trials)
+        w.writerows({**t, **t.get("cost", {})} for t in trials)
 
 
 def plot_val_curves(trials: Sequence[dict[str, Any]], max_epochs: int, path: str | os.PathLike) -> None:
@@ -92,25 +127,43 @@ def write_report(out_dir: str | os.PathLike, *, title: str, trials: Sequence[dic
     plot_confusion(before["confusion_matrix"], before["classes"], "before fine-tuning", out / "confusion_before.png")
     plot_confusion(after["confusion_matrix"], after["classes"], "after fine-tuning", out / "confusion_after.png")
     stopped = [t for t in trials if t["stopped_early"]]
+    cost = sweep_cost(trials)
     lines = [
         f"# {title}", "",
         f"{len(trials)} trials, ASHA max {max_epochs} epochs; {len(stopped)} stopped early.",
         f"ASHA savings: {sum(t['epochs_run'] for t in trials)} trial-epochs run of "
         f"{max_epochs * len(trials)} had every trial run to the end ({asha_savings(trials, max_epochs):.0%}).", "",
+        "## Cost", "",
+        "| | wall s | CPU-s held | GPU-s held | images | training steps s | outside training steps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| all trials | {cost['wall_s']:.0f} | {cost['cpu_s']:.0f} | {cost['gpu_s']:.0f} | {cost['images']:,} | "
+        f"{cost['train_s']:.0f} | {cost['outside_train_share']:.0%} |",
+        f"| had every trial run to max_t (projected) | {cost['full_wall_s']:.0f} | {cost['full_cpu_s']:.0f} | "
+        f"{cost['full_gpu_s']:.0f} | | | |", "",
+        f"ASHA saved {cost['asha_saved_share']:.0%} of the {'GPU' if cost['full_gpu_s'] else 'CPU'}-seconds. "
+        f"{cost['outside_train_share']:.0%} of the trials' wall time went outside training steps (start-up, "
+        "data setup, validation, checkpoints). Wall seconds add up trials that may have run at the same time; "
+        "resources held = what each trial reserved x its wall time.", "",
         "## Trials", "",
-        "| trial | flavor | width | block | optimizer | lr | wd | batch | smoothing | epochs | best val acc | stopped |",
-        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| trial | flavor | width | block | optimizer | lr | wd | batch | smoothing | epochs | best val acc | stopped "
+        "| wall s | CPU-s | GPU-s | images | outside training |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in sorted(trials, key=lambda t: -t["best_val_acc"]):
+        c = t["cost"]
         lines.append(
             f"| {t['trial_id']} | {t['flavor']} | {t['width']:g} | {t['block']} | {t['optimizer']} | {t['lr']:.3g} | "
             f"{t['weight_decay']:.2g} | {t['batch_size']} | {t['label_smoothing']:g} | {t['epochs_run']} | "
-            f"{t['best_val_acc']:.2%} | {'at epoch %d' % t['stopped_at_epoch'] if t['stopped_early'] else 'no'} |")
+            f"{t['best_val_acc']:.2%} | {'at epoch %d' % t['stopped_at_epoch'] if t['stopped_early'] else 'no'} | "
+            f"{c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['gpu_s']:.0f} | {c['images']:,} | {c['outside_train_share']:.0%} |")
     lines += ["", "![validation accuracy per trial](val_acc.png)", "",
               f"Selected on validation accuracy: trial `{best['trial_id']}` ({best['best_val_acc']:.2%} at its best epoch).",
               "", "## Fine-tuning", "",
               f"Mode `{finetune['mode']}`, {finetune['epochs']} epochs, on {finetune['data']}; "
-              "both evaluations on the same test set.", "", *_metrics_table(before, after), "",
+              "both evaluations on the same test set. \"Before\" is the "
+              f"{finetune.get('before', 'source checkpoint')}"
+              + (" (a linear head fitted on the frozen backbone: the data has other classes)."
+                 if finetune.get("before") == "linear probe" else "."), "", *_metrics_table(before, after), "",
               "![confusion before](confusion_before.png) ![confusion after](confusion_after.png)", ""]
     lines += [f"- {n}" for n in notes]
     path = out / "report.md"

@@ -97,6 +97,7 @@ def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float) -> d
         "val_loss": val.loss,
         "val_acc": val.accuracy,
         "lr": lr,
+        "images": stats.images,           # all ranks together
         "images_per_s": stats.images_per_second,
         "epoch_s": stats.seconds,
         "step_s": stats.step_seconds,

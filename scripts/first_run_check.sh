@@ -42,7 +42,7 @@ echo "first-run check: main.sh finished in $(( $(date +%s) - start )) s"
 
 sweep="$clone/runs/sweep"
 "$repo/.venv/bin/python" - "$sweep" "$log" <<'EOF'
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 sweep, log = Path(sys.argv[1]), Path(sys.argv[2]).read_text()
@@ -57,8 +57,16 @@ for needle in ("Job 'raysubmit_", "succeeded", "Ray Serve at http://"):
         problems.append(f"the job log lacks {needle!r}")
 if "Traceback" in log:
     problems.append("the job log holds a traceback")
+# Lines Ray printed, not the project: actor/raylet-prefixed lines and Ray's timestamped log lines.
+ray_line = re.compile(r"^(\x1b\[\d+m)?\((raylet|pid=|\w+ pid=)|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s")
+ray_lines = [line for line in log.splitlines() if ray_line.search(line)]
+if len(ray_lines) > 40:
+    problems.append(f"{len(ray_lines)} lines of Ray's own output (at most 40):\n" + "\n".join(ray_lines[:60]))
+if not list((sweep / "tensorboard").glob("*/events.out.tfevents.*")):
+    problems.append("no TensorBoard events in the sweep directory")
 if problems:
     print("\n".join(log.splitlines()[-60:]))
     sys.exit("first-run check: FAILED: " + "; ".join(problems))
-print(f"first-run check: ok ({len(log.splitlines())} lines of job log; sweep outputs in place)")
+print(f"first-run check: ok ({len(log.splitlines())} lines of output, {len(ray_lines)} of them Ray's; "
+      "sweep outputs in place)")
 EOF

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/prepare_cifar10.sh
+verbose=0
+for arg in "$@"; do [ "$arg" = --verbose ] && verbose=1; done   # also passed on to jobs/sweep.py
 source .venv/bin/activate          # the cluster's workers run this Python
 export RAY_AUTH_MODE=token         # `ray start --head` enables token auth; CLI clients need this
 # Ray Serve's throughput mode, read by the cluster's processes at start (why: cluster/runtime.py SERVE_ENV).
@@ -20,8 +22,20 @@ if ! ray status >/dev/null 2>&1; then
     echo "error: could not create a Ray auth token: $err" >&2
     exit 1
   fi
-  ray start --head --dashboard-host 127.0.0.1 --metrics-export-port 8080 --disable-usage-stats
+  mkdir -p runs
+  if ! ray start --head --dashboard-host 127.0.0.1 --metrics-export-port 8080 --disable-usage-stats \
+      >runs/ray-start.log 2>&1; then
+    tail -n 20 runs/ray-start.log >&2
+    echo "error: ray start failed (whole output: runs/ray-start.log)" >&2
+    exit 1
+  fi
+  [ "$verbose" = 1 ] && cat runs/ray-start.log
+  echo "Ray started: dashboard http://127.0.0.1:8265, metrics :8080 ('ray stop' ends it; its output: runs/ray-start.log)"
 fi
+# The Jobs CLI's own chatter (upload, "next steps", default excludes); --verbose keeps it.
+# The job's output, errors and the final "Job ... succeeded/failed" line always pass.
+NOISE='^[0-9-]+ [0-9:,]+\s+(INFO (cli|packaging|dashboard_sdk|job_manager)\.py:|SUCC cli\.py:[0-9]+ -- .?(\[[0-9]+m)?-+|WARNING working_dir\.py:[0-9]+ -- Directory .* is now ignored by default)'
+quiet() { if [ "$verbose" = 1 ]; then cat; else grep --line-buffered -v -E "$NOISE" || true; fi; }
 # Absolute paths: the job runs in a copy of this checkout (--working-dir), without data/ and runs/.
-exec ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-  python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@"
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+  python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@" 2>&1 | quiet

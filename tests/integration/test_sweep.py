@@ -180,6 +180,50 @@ def test_full_finetuning_on_a_three_class_folder_and_the_report(sweep):
         assert png in report
 
 
+def test_every_trial_is_tracked_in_tensorboard_and_mlflow_and_costed(sweep):
+    """One TensorBoard run and one MLflow run per trial (plus fine-tuning's), the selected and
+    fine-tuned models as artifacts, and each trial's cost in trials.csv and the report."""
+    import csv
+
+    import mlflow
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    d = sweep["dir"]
+    trials = set(tune_trials(sweep["tune_dir"]))
+    m = EventMultiplexer()
+    m.AddRunsFromDirectory(str(d / "tensorboard"))
+    m.Reload()
+    assert set(m.Runs()) == trials | {"finetune"}
+    rows = result_rows(sweep["tune_dir"])
+    for t in trials:   # a resumed trial appends; every epoch it ran is there
+        assert {e.step for e in m.Scalars(t, "accuracy/val")} == {r["epoch"] for r in rows[t]}
+
+    # Read back as a user would: the file store (MLflow 3 wants it asked for), `mlflow ui` alike.
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri((d / "mlruns").as_uri())
+    runs = mlflow.search_runs(experiment_names=["smoke"])
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(trials | {"finetune"})
+    trial_runs = runs[runs["tags.mlflow.runName"] != "finetune"]
+    assert trial_runs["params.config.optim.lr"].notna().all() and trial_runs["metrics.val_acc"].notna().all()
+    client = mlflow.MlflowClient()
+    by_name = dict(zip(runs["tags.mlflow.runName"], runs["run_id"]))
+    chosen = json.loads((d / "best_config.json").read_text())["trial_id"]
+    assert "best.pt" in {a.path for a in client.list_artifacts(by_name[chosen])}
+    assert {"finetuned.pt", "report.md"} <= {a.path for a in client.list_artifacts(by_name["finetune"])}
+
+    table = list(csv.DictReader(open(d / "trials.csv")))
+    per_epoch = (200 // 32) * 32   # the tiny set's 200 train images at the smoke batch of 32, last batch dropped
+    for row in table:
+        assert float(row["wall_s"]) > float(row["train_s"]) > 0 and float(row["cpu_s"]) > 0
+        assert int(row["images"]) == int(row["epochs_run"]) * per_epoch
+        assert 0 < float(row["outside_train_share"]) < 1 and float(row["gpu_s"]) == 0
+    cost = json.loads((d / "summary.json").read_text())["cost"]
+    assert cost["cpu_s"] == pytest.approx(sum(float(r["cpu_s"]) for r in table), rel=1e-3)
+    assert 0 < cost["asha_saved_share"] < 1   # ASHA stopped a trial
+    report = (d / "report.md").read_text()
+    assert "## Cost" in report and "ASHA saved" in report and "CPU-s held" in report
+
+
 def test_finetune_job_in_head_mode_on_ray_train_trains_only_the_head(sweep, ray_cluster, tiny_data_dir, tmp_path):
     """jobs/finetune.py on the shared cluster, from the sweep's directory (its best.pt), with
     every path relative to where it is run, as in the README (Train's workers run elsewhere)."""
@@ -197,6 +241,7 @@ def test_finetune_job_in_head_mode_on_ray_train_trains_only_the_head(sweep, ray_
     assert all(torch.equal(before[k], after[k]) for k in after if k not in head)
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["mode"] == "head" and 0 <= summary["after"]["accuracy"] <= 1
+    assert list((out / "tensorboard" / "finetune").glob("events.out.tfevents.*"))
     assert len(summary["before"]["confusion_matrix"]) == len(summary["after"]["confusion_matrix"]) == 10
 
 

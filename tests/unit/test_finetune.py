@@ -174,7 +174,7 @@ def test_finetune_job_local_on_an_image_folder_writes_a_servable_checkpoint(sour
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such.pt"], "no checkpoint at /no/such.pt"),
     (["--data", "/no/such/data"], "fine-tuning data /no/such/data does not exist"),
-    (["--epochs", "0"], "--epochs and --workers must be >= 1"),
+    (["--epochs", "-1"], "--epochs, --subset and --batch-size must be >= 0"),
     (["--backbone-lr-scale", "0"], "backbone_lr_scale must be > 0"),
 ])
 def test_finetune_job_bad_options_are_one_line_and_write_nothing(args, message, source_path, tiny_data_dir,

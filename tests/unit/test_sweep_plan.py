@@ -68,7 +68,7 @@ def _sweep_main():
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
     (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
-    (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs, --finetune-subset and --finetune-batch-size must be >= 0"),
     (["--finetune-backbone-lr-scale", "-1"], "backbone_lr_scale must be > 0"),
     (["--finetune-optimizer", "lamb"], "invalid choice: 'lamb'"),
     (["--finetune-data", "/nonexistent/photos"], "fine-tuning data /nonexistent/photos does not exist"),

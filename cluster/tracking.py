@@ -1,0 +1,203 @@
+"""Experiment tracking: TensorBoard scalars and MLflow runs, one run per trial or training run.
+
+Written by whoever runs the epoch loop's rank 0: a Ray Train worker (training, Tune trials,
+fine-tuning) or the local loop. Ray Train V2 dropped the built-in V1 logging integrations,
+so this is plain tensorboard + MLflow client code called from the loop. It never imports
+Ray, so local runs use it as well.
+
+Layout, under a sweep or run directory (DIR):
+  DIR/tensorboard/<run>/events.*   `tensorboard --logdir DIR/tensorboard`: every run side by side
+  DIR/mlruns/                      the default MLflow store (a local file store), one experiment
+                                   per sweep or run directory; `--mlflow-uri` names a server instead
+A run re-opened after a restart (a resumed trial, a re-run of the same command) appends to the
+same TensorBoard directory and the same MLflow run (found by its `resnet_dist.run` tag).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+RUN_TAG = "resnet_dist.run"
+TRAIN_EXPERIMENT = "resnet-dist-train"         # jobs/train.py runs; a sweep's experiment is its name
+FINETUNE_EXPERIMENT = "resnet-dist-finetune"   # jobs/finetune.py runs
+# Epoch-record key -> TensorBoard tag (MLflow takes the record's own keys).
+SCALARS = {
+    "train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
+    "lr": "optim/lr", "images_per_s": "throughput/images_per_s", "data_wait_frac": "throughput/data_wait_frac",
+    "epoch_s": "time/epoch_s",
+}
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's tracking goes; plain values, so it travels in a Ray config dict."""
+
+    tensorboard_dir: str = ""     # events go to tensorboard_dir/run_name ("" = no TensorBoard)
+    mlflow_uri: str = ""          # an MLflow tracking URI: file:///..., http://server ("" = no MLflow)
+    experiment: str = ""          # MLflow experiment (one per sweep)
+    run_name: str = ""            # the trial id, "finetune", the run directory's name
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def for_dir(cls, out_dir: str | os.PathLike, experiment: str, run_name: str, mlflow_uri: str | None = None,
+                **tags: str) -> "TrackingConfig":
+        """The default layout under `out_dir` (module docstring); `mlflow_uri` "off" turns MLflow off."""
+        out = Path(out_dir).resolve()
+        uri = (out / "mlruns").as_uri() if mlflow_uri is None else ("" if mlflow_uri == "off" else mlflow_uri)
+        return cls(str(out / "tensorboard"), uri, experiment, run_name, dict(tags))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": "0.1"}: MLflow params are flat strings."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _client(uri: str):
+    if uri.startswith("file:"):
+        # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked; it
+        # is what works with no server and on a shared file system (one directory per run).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing (two trials may race to create it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:   # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(client, experiment: str, run_name: str) -> str | None:
+    """The id of the MLflow run tagged with `run_name` in `experiment`, if there is one."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+class Tracker:
+    """One run's TensorBoard writer and MLflow run; `log_epoch` after every report."""
+
+    def __init__(self, cfg: TrackingConfig, params: Mapping[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.writer = None
+        self.client = None
+        self.run_id: str | None = None
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(cfg.tensorboard_dir) / cfg.run_name), flush_secs=10)
+        if cfg.mlflow_uri:
+            self.client = _client(cfg.mlflow_uri)
+            self.run_id = find_run(self.client, cfg.experiment, cfg.run_name)
+            if self.run_id is None:
+                run = self.client.create_run(experiment_id(self.client, cfg.experiment), run_name=cfg.run_name,
+                                             tags={RUN_TAG: cfg.run_name, **cfg.tags})
+                self.run_id = run.info.run_id
+                if params:
+                    from mlflow.entities import Param
+
+                    self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+            else:
+                self.client.update_run(self.run_id, status="RUNNING")
+
+    def log_epoch(self, record: Mapping[str, Any], step: int | None = None) -> None:
+        """Scalars of one epoch record (resnet_dist.training.epoch_record); step = its epoch."""
+        step = int(record["epoch"]) if step is None else step
+        values = {k: float(record[k]) for k in SCALARS if k in record}
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(SCALARS[k], v, step)
+            self.writer.flush()
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def log_metrics(self, values: Mapping[str, float]) -> None:
+        """Run-level figures (test accuracy before/after); MLflow only."""
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.client is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _find(cfg: TrackingConfig, run_name: str):
+    """(client, run id) of the MLflow run `run_name` in `cfg`'s experiment, or None."""
+    if not cfg.mlflow_uri:
+        return None
+    client = _client(cfg.mlflow_uri)
+    run_id = find_run(client, cfg.experiment, run_name)
+    return (client, run_id) if run_id else None
+
+
+def log_artifacts(cfg: TrackingConfig, run_name: str, paths: list[str | os.PathLike],
+                  metrics: Mapping[str, float] | None = None) -> bool:
+    """Attach files (best.pt, finetuned.pt, report.md) and run-level figures (test accuracy) to
+    the MLflow run `run_name`; False when MLflow is off or there is no such run."""
+    found = _find(cfg, run_name)
+    if found is None:
+        return False
+    client, run_id = found
+    if metrics:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        # No NaN: "before" is not a number when fine-tuning changed the classes.
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                          if math.isfinite(float(v))])
+    for p in paths:
+        if Path(p).is_file():
+            client.log_artifact(run_id, str(p))
+    return True
+
+
+class TrackedHooks:
+    """The local loop's hooks (resnet_dist.training.TrainingHooks) with tracking added."""
+
+    def __init__(self, inner: Any, tracker: Tracker) -> None:
+        self.inner, self.tracker = inner, tracker
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.inner.epoch_start(epoch, epochs, steps)
+
+    def step(self, step: int, images: int) -> None:
+        self.inner.step(step, images)
+
+    def epoch_end(self, record: dict[str, float], history: list[dict[str, float]]) -> None:
+        self.inner.epoch_end(record, history)
+        self.tracker.log_epoch(record)
+

@@ -1,0 +1,91 @@
+"""TensorBoard and MLflow tracking against real files: events read back with tensorboard's
+own reader, runs with mlflow.search_runs."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+from cluster.tracking import TrackedHooks, Tracker, TrackingConfig, flatten, log_artifacts
+
+
+def record(epoch: int, acc: float) -> dict:
+    return {"epoch": epoch, "train_loss": 2.0 / epoch, "train_acc": acc - 0.05, "val_loss": 2.1 / epoch,
+            "val_acc": acc, "lr": 0.1 / epoch, "images_per_s": 300.0, "epoch_s": 10.0, "data_wait_frac": 0.02}
+
+
+def scalars(logdir, run: str, tag: str) -> list[tuple[int, float]]:
+    m = EventMultiplexer()
+    m.AddRunsFromDirectory(str(logdir))
+    m.Reload()
+    return [(e.step, e.value) for e in m.Scalars(run, tag)]
+
+
+def test_flatten_gives_dotted_string_params():
+    assert flatten({"optim": {"lr": 0.1, "milestones": [1, 2]}, "seed": 0}) == {
+        "optim.lr": "0.1", "optim.milestones": "[1, 2]", "seed": "0"}
+
+
+def test_two_runs_side_by_side_in_tensorboard_and_mlflow(tmp_path):
+    cfg = TrackingConfig.for_dir(tmp_path, "sweep-a", "")
+    for trial, accs in (("t0", (0.3, 0.5)), ("t1", (0.2,))):
+        tracker = Tracker(TrackingConfig(**{**cfg.to_dict(), "run_name": trial}),
+                          params={"config": {"optim": {"lr": 0.1}}, "trial": trial})
+        for i, acc in enumerate(accs, 1):
+            tracker.log_epoch(record(i, acc))
+        tracker.close()
+
+    m = EventMultiplexer()
+    m.AddRunsFromDirectory(str(tmp_path / "tensorboard"))
+    m.Reload()
+    assert sorted(m.Runs()) == ["t0", "t1"]
+    assert scalars(tmp_path / "tensorboard", "t0", "accuracy/val") == [(1, pytest.approx(0.3)), (2, pytest.approx(0.5))]
+    assert "optim/lr" in m.Runs()["t0"]["scalars"] and "throughput/images_per_s" in m.Runs()["t0"]["scalars"]
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["sweep-a"])
+    assert sorted(runs["tags.mlflow.runName"]) == ["t0", "t1"]
+    t0 = runs[runs["tags.mlflow.runName"] == "t0"].iloc[0]
+    assert t0["params.config.optim.lr"] == "0.1" and t0["metrics.val_acc"] == pytest.approx(0.5)
+    assert t0["status"] == "FINISHED"
+    history = mlflow.MlflowClient(cfg.mlflow_uri).get_metric_history(t0["run_id"], "val_acc")
+    assert [(h.step, round(h.value, 3)) for h in history] == [(1, 0.3), (2, 0.5)]
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run_and_artifacts_attach(tmp_path):
+    cfg = TrackingConfig.for_dir(tmp_path, "exp", "trial-x")
+    first = Tracker(cfg, params={"a": 1})
+    first.log_epoch(record(1, 0.4))            # the process dies here: no close()
+    again = Tracker(cfg, params={"a": 1})
+    assert again.run_id == first.run_id
+    again.log_epoch(record(2, 0.6))
+    again.close()
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    assert log_artifacts(cfg, "trial-x", [tmp_path / "best.pt"], {"test_acc": 0.61, "before": float("nan")})
+    assert not log_artifacts(cfg, "no-such-run", [tmp_path / "best.pt"])
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    assert [a.path for a in client.list_artifacts(first.run_id)] == ["best.pt"]
+    run = client.get_run(first.run_id)
+    assert run.data.metrics["test_acc"] == pytest.approx(0.61) and "before" not in run.data.metrics
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    assert len(mlflow.search_runs(experiment_names=["exp"])) == 1
+
+
+def test_mlflow_off_still_writes_tensorboard(tmp_path):
+    cfg = TrackingConfig.for_dir(tmp_path, "exp", "r", mlflow_uri="off")
+    assert cfg.mlflow_uri == ""
+    seen = []
+
+    class Inner:
+        def epoch_start(self, *a): seen.append("start")
+        def step(self, *a): seen.append("step")
+        def epoch_end(self, record, history): seen.append("end")
+
+    hooks = TrackedHooks(Inner(), Tracker(cfg))
+    hooks.epoch_start(1, 1, 1)
+    hooks.step(1, 8)
+    hooks.epoch_end(record(1, 0.5), [])
+    hooks.tracker.close()
+    assert seen == ["start", "step", "end"] and not (tmp_path / "mlruns").exists()
+    assert scalars(tmp_path / "tensorboard", "r", "accuracy/val") == [(1, pytest.approx(0.5))]
