@@ -27,7 +27,9 @@ from cluster.tune import (
 from resnet_dist.checkpoint import load_checkpoint, save_checkpoint
 from resnet_dist.config import OPTIMIZERS, ConfigError, RunConfig
 from resnet_dist.data import ensure_prepared, is_prepared, read_manifest
-from resnet_dist.finetune import FinetuneConfig, auto_schedule, finetune_run_config, finetune_start
+from resnet_dist.finetune import (
+    OWN_DATA_DEFAULTS, FinetuneConfig, auto_schedule, finetune_run_config, finetune_start,
+)
 from resnet_dist.inference import SWEEP_FINETUNED
 from resnet_dist.metrics import classification_report
 from resnet_dist.report import sweep_cost, trial_cost, write_report
@@ -461,14 +463,20 @@ def sweep_config_from_args(args) -> SweepConfig:
                                                    "weight_decay") if getattr(args, k) is not None}
     asha = {k: getattr(args, k) for k in ("max_epochs", "grace_period", "reduction_factor")
             if getattr(args, k) is not None}
+    ft = {k: v for k, v in (("mode", args.finetune_mode), ("backbone_lr_scale", args.finetune_backbone_lr_scale),
+                            ("reset_head", args.finetune_reset_head)) if v is not None}
+    if top.get("finetune_data"):
+        # A user's own data: the measured own-data defaults and a schedule sized to it (the
+        # presets' fine-tuning settings are for CIFAR-10 train+val); options typed still win.
+        top = {"finetune_epochs": 0, "finetune_batch_size": 0, "finetune_optimizer": OWN_DATA_DEFAULTS["optimizer"],
+               "finetune_lr": OWN_DATA_DEFAULTS["lr"], **top}
+        ft = {"mode": OWN_DATA_DEFAULTS["mode"], "backbone_lr_scale": OWN_DATA_DEFAULTS["backbone_lr_scale"], **ft}
     # User paths are made absolute once, here: trials, Train workers and the job's copy of
     # the code (ray job submit --working-dir) run in other directories.
     for key in ("storage", "data_dir", "finetune_data"):
         if top.get(key) and "://" not in top[key]:   # URIs are left as given (and refused in validate)
             top[key] = str(Path(top[key]).resolve())
     cfg = replace(cfg, **top, space=replace(cfg.space, **space), asha=replace(cfg.asha, **asha))
-    ft = {k: v for k, v in (("mode", args.finetune_mode), ("backbone_lr_scale", args.finetune_backbone_lr_scale),
-                            ("reset_head", args.finetune_reset_head)) if v is not None}
     return replace(cfg, finetune=replace(cfg.finetune, **ft))
 
 

@@ -25,18 +25,19 @@ def main(argv=None) -> None:
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
     from resnet_dist.console import console, print_eval_report
     from resnet_dist.finetune import FINETUNE_MODES, MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH, FinetuneConfig
+    from resnet_dist.finetune import OWN_DATA_DEFAULTS as OWN
     from resnet_dist.training import BEST_CHECKPOINT
 
     p = job_parser(__doc__, ray=True)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
     p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
-    p.add_argument("--mode", choices=FINETUNE_MODES, default="full", help="what trains (default: %(default)s)")
+    p.add_argument("--mode", choices=FINETUNE_MODES, default=OWN["mode"], help="what trains (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=0,
                    help=f"epochs (default 0: enough for {MIN_STEPS} optimizer steps at the batch below)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak lr of the head (default: %(default)s)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="(default: %(default)s)")
-    p.add_argument("--backbone-lr-scale", type=float, default=0.1,
+    p.add_argument("--lr", type=float, default=OWN["lr"], help="peak lr of the head (default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=OWN["optimizer"], help="(default: %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=OWN["backbone_lr_scale"],
                    help="lr multiplier of pretrained layers that train (default: %(default)s)")
     p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
                    help="a new head even for the same classes (always new for other classes)")

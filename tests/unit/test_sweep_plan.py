@@ -118,3 +118,23 @@ def test_asha_rungs_survive_a_restart_of_the_sweep_driver(tmp_path):
     fresh = ResumableASHA(str(tmp_path / "other.json"), time_attr="epoch", metric="val_acc", mode="max",
                           max_t=4, grace_period=1, reduction_factor=2)
     assert report(fresh, "c", 0.3) == TrialScheduler.CONTINUE   # what plain ASHA does after a restart
+
+
+def test_own_finetuning_data_gets_the_own_data_defaults_unless_options_say_otherwise(tmp_path):
+    import argparse
+
+    from cluster.sweep import add_sweep_args, sweep_config_from_args
+    from resnet_dist.finetune import OWN_DATA_DEFAULTS
+
+    p = argparse.ArgumentParser()
+    add_sweep_args(p)
+    cifar = sweep_config_from_args(p.parse_args(["--preset", "local"]))
+    assert (cifar.finetune_epochs, cifar.finetune_optimizer) == (2, "adamw")   # the preset's, for CIFAR-10
+    own = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path)]))
+    assert (own.finetune_epochs, own.finetune_batch_size) == (0, 0)   # sized to the data
+    assert (own.finetune_optimizer, own.finetune_lr) == (OWN_DATA_DEFAULTS["optimizer"], OWN_DATA_DEFAULTS["lr"])
+    assert (own.finetune.mode, own.finetune.backbone_lr_scale) == ("full", OWN_DATA_DEFAULTS["backbone_lr_scale"])
+    typed = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path),
+                                                 "--finetune-epochs", "8", "--finetune-mode", "head"]))
+    assert (typed.finetune_epochs, typed.finetune.mode) == (8, "head")
+    assert own.finetune_data == str(tmp_path.resolve())
