@@ -276,7 +276,7 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
                          console, ft: FinetuneConfig | None = None) -> dict[str, Any]:
     """Fine-tune `source` on Ray Train (with `ft`, default cfg.finetune); returns the fine-tuned
     checkpoint dict."""
-    from resnet_dist.console import history_table
+    from resnet_dist.console import eta_line, history_table
 
     ft = ft or cfg.finetune
     src = load_checkpoint(source)
@@ -305,6 +305,7 @@ def finetune_distributed(cfg: SweepConfig, source: Path, data_dir: Path, resourc
     def on_report(r: dict) -> None:
         history.append(r["metrics"][0])
         console.print(history_table(history, title=f"Fine-tuning ({ft.mode})"))
+        console.print(eta_line(history, epochs, "fine-tuning"))
 
     result = fit_streaming(lambda cbs: build_trainer(
         job, str(data_dir), workers, FINETUNE_RUN, str(cfg.sweep_dir / "train"), resources.use_gpu,
@@ -493,6 +494,8 @@ def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
     from cluster.serve import ServeConfig, deploy
     from resnet_dist.data import read_split
 
+    console.print(f"deploying {cfg.sweep_dir / FINETUNED_CHECKPOINT} on Ray Serve, then {probes} test images...",
+                  soft_wrap=True)
     # Two replicas' worth of CPU is not there on a small machine; a sweep's model is small.
     url = deploy(ServeConfig(checkpoint=str(cfg.sweep_dir), num_cpus=min(1.0, max(0.5, cluster_cpus() - 1))))
     data_dir = cfg.sweep_dir / "finetune-data" if cfg.finetune_data else Path(cfg.data_dir)

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 RUN_TAG = "resnet_dist.run"
 TRAIN_EXPERIMENT = "resnet-dist-train"         # jobs/train.py runs; a sweep's experiment is its name
@@ -201,3 +201,19 @@ class TrackedHooks:
         self.inner.epoch_end(record, history)
         self.tracker.log_epoch(record)
 
+
+
+def run_tracked(cfg: TrackingConfig, params: Mapping[str, Any], inner: Any, fn: Callable[[TrackedHooks], Any],
+                metrics: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
+    """Run a local loop, `fn(hooks)`, with its epochs tracked; the run is closed FINISHED with
+    `metrics(result)` logged, or FAILED if `fn` raises. Returns what `fn` returned."""
+    tracker = Tracker(cfg, params)
+    try:
+        result = fn(TrackedHooks(inner, tracker))
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    if metrics is not None:
+        tracker.log_metrics(metrics(result))
+    tracker.close()
+    return result

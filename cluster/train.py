@@ -210,7 +210,7 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     """
     from cluster.progress import fit_streaming
     from cluster.runtime import cluster_gpus, connect
-    from resnet_dist.console import console, history_table, print_eval_report
+    from resnet_dist.console import console, eta_line, history_table, print_eval_report
     from resnet_dist.data import read_manifest
     from resnet_dist.training import BEST_CHECKPOINT, LAST_CHECKPOINT, evaluate_checkpoint, write_summary
 
@@ -238,6 +238,7 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
         with open(run_path / "reports.jsonl", "a") as f:
             f.write(json.dumps(report["metrics"]) + "\n")
         console.print(history_table(history, title=f"Training ({workers} workers)"))
+        console.print(eta_line(history, cfg.train.epochs, "training"))
 
     t0 = time.perf_counter()
     result = fit_streaming(

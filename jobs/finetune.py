@@ -72,21 +72,19 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         run = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "subset": args.subset, "batch_size": args.batch_size}
         if args.local:
-            from cluster.tracking import TrackedHooks, Tracker, TrackingConfig
+            from cluster.tracking import TrackingConfig, run_tracked
             from resnet_dist.console import RichHooks
             from resnet_dist.finetune import finetune_job_local
 
-            tracker = Tracker(TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri),
-                              params={"source": str(source), "mode": ft.mode, **run})
-            summary = finetune_job_local(src, source, data, out, ft, hooks=TrackedHooks(RichHooks(), tracker), **run)
-            tracker.log_metrics({"test_acc_after": summary["after"]["accuracy"]})
-            tracker.close()
+            summary = run_tracked(TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri),
+                                  {"source": str(source), "mode": ft.mode, **run}, RichHooks(),
+                                  lambda hooks: finetune_job_local(src, source, data, out, ft, hooks=hooks, **run),
+                                  lambda s: {"test_acc_before": s["before"]["accuracy"], "test_acc_after": s["after"]["accuracy"]})
         else:
             from cluster.runtime import set_verbose
             from cluster.sweep import finetune_job
 
             set_verbose(args.verbose)
-
             summary = finetune_job(source, data, out, ft, workers=args.workers, console=console,
                                    mlflow_uri=args.mlflow_uri, **run)
     except (ConfigError, DataError, CheckpointError) as e:

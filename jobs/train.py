@@ -60,7 +60,7 @@ def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None
 
     import torch
 
-    from cluster.tracking import TRAIN_EXPERIMENT, TrackedHooks, Tracker, TrackingConfig, log_artifacts
+    from cluster.tracking import TRAIN_EXPERIMENT, TrackingConfig, log_artifacts, run_tracked
     from resnet_dist.console import RichHooks, console, print_eval_report
     from resnet_dist.training import BEST_CHECKPOINT, fit_local
 
@@ -70,11 +70,9 @@ def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None
                   f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
     out = Path(run_dir).resolve()
     tracking = TrackingConfig.for_dir(out, TRAIN_EXPERIMENT, out.name, mlflow_uri)
-    tracker = Tracker(tracking, params={"config": cfg.to_dict()})
-    summary = fit_local(cfg, run_dir, TrackedHooks(RichHooks(), tracker))
-    tracker.close()
-    log_artifacts(tracking, out.name, [out / BEST_CHECKPOINT, out / "metrics.json"],
-                  {"test_acc": summary["test"]["accuracy"]})
+    summary = run_tracked(tracking, {"config": cfg.to_dict()}, RichHooks(), lambda hooks: fit_local(cfg, run_dir, hooks),
+                          lambda s: {"test_acc": s["test"]["accuracy"]})
+    log_artifacts(tracking, out.name, [out / BEST_CHECKPOINT, out / "metrics.json"])
     print_eval_report(summary["test"], "test (best val checkpoint)")
     console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
 

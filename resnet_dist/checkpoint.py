@@ -110,6 +110,22 @@ def build_checkpoint(
     }
 
 
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode `open()` would give a new file. mkstemp (used for
+    atomic writes) makes 0600, which would keep another user id on shared storage (a serving
+    pod, a teammate) from reading best.pt. The umask is read from /proc where it can be, since
+    setting it to read it back races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write atomically: a temp file in the same directory, fsync, then rename."""
     path = Path(path)
@@ -120,6 +136,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,15 @@ def history_table(history: Sequence[dict[str, float]], title: str = "Training") 
     return t
 
 
+def eta_line(history: Sequence[dict[str, float]], epochs: int, what: str) -> str:
+    """"fine-tuning: epoch 1/2 done, 312 img/s, ETA 160 s": progress between epoch tables."""
+    last = history[-1]
+    left = max(0, epochs - int(last["epoch"]))
+    mean_s = sum(r["epoch_s"] for r in history) / len(history)
+    eta = f", ETA {left * mean_s:.0f} s" if left else ", done"
+    return f"{what}: epoch {int(last['epoch'])}/{epochs}, {last['images_per_s']:.0f} img/s{eta}"
+
+
 def print_eval_report(report: dict[str, Any], title: str, out: Console = console) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of a classification report."""
     classes = report["classes"]

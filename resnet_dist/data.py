@@ -170,6 +170,7 @@ def _load_tree(
             items.extend((where(m), files[m]) for m in members)
             labels.extend([label] * len(members))
         start = time.perf_counter()
+        log.info("decoding %d %s images (%d classes)...", len(items), split, len(classes))
         images = _decode_files(items, resize)
         log.info("decoded %d %s images in %.1f s", len(items), split, time.perf_counter() - start)
         out[split] = ImageArrays(images, np.asarray(labels, dtype=np.int64), classes)
@@ -218,11 +219,36 @@ def _find_cifar_batches(path: Path) -> Path | None:
     return path / CIFAR_DIR_NAME if (path / CIFAR_DIR_NAME).is_dir() else None
 
 
+# What the official CIFAR-10 python batches (and numpy arrays pickled like them) are made of:
+# dicts, lists, bytes, str and ints need no global; numpy arrays and scalars need these.
+# Any other global (os.system, builtins.eval, subprocess.Popen...) is what a pickle that runs
+# code on load would name, so it is refused before anything is called.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),   # how Python 3 pickles bytes at protocol 2
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official batch files hold (see above)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: the official CIFAR-10 batches hold only dicts, lists, "
+                "bytes, str, ints and numpy arrays (this file could run code)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    # The official CIFAR-10 python format is pickle, which can run code: read only trusted copies.
+    # The official CIFAR-10 python format is pickle, which can run code on load: a restricted
+    # unpickler reads it, so a folder from anywhere cannot (jobs/prepare_data.py, --finetune-data).
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError as exc:
         raise DataError(f"{path}: missing CIFAR-10 batch file") from exc
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError) as exc:

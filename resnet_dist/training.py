@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from resnet_dist.checkpoint import (
-    build_checkpoint, load_checkpoint, model_from_checkpoint, restore_rng_state, save_checkpoint, unwrap,
+    build_checkpoint, default_file_mode, load_checkpoint, model_from_checkpoint, restore_rng_state, save_checkpoint,
+    unwrap,
 )
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig
 from resnet_dist.data import read_manifest, read_split
@@ -106,11 +108,34 @@ def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float) -> d
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename), so a reader never sees half a file."""
+    """Atomic, durable JSON write: a unique temp file beside `path` (two writers never share
+    one), fsync, then rename, so a reader never sees half a file, even after a crash. NaN and
+    infinities (e.g. "before" accuracy where the classes differ) are written as null: JSON has
+    no NaN, and other readers refuse it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())   # mkstemp makes 0600; others on shared storage may read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
 
 
 class TrainingHooks:

@@ -8,6 +8,7 @@ the same cluster also takes `ray job submit` in the submission test.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,17 +43,22 @@ class LocalCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     # Metrics exported every 2 s (default 10 s), so a scrape sees short test runs' metrics.
-    env = {**os.environ, **SERVE_ENV, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1", "RAY_metrics_report_interval_ms": "2000"}
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    env = {**os.environ, **SERVE_ENV, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "2000"}
+    # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
+    # processes, so teardown stops them and not a Ray the developer runs beside the tests.
+    temp_dir = tempfile.mkdtemp(prefix="rdt-", dir="/tmp")
+    # Its own token (256 bits, as `ray get-auth-token --generate` makes), in that dir: the tests
+    # never write the user's ~/.ray/auth_token, so they cannot hide what a fresh machine lacks
+    # (scripts/first_run_check.sh runs the main command with an empty HOME for that).
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # Every process of the cluster inherits this. Ray Train's PlacementGroupCleaner (which frees
     # the workers' CPUs when Tune stops a trial under a live Train run) finds the state API by it;
     # without it, it would look in /tmp/ray/ray_current_cluster, which names some other cluster
     # (or a dead one) because this one runs in its own temp dir, and the CPUs would stay held.
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
-    # processes, so teardown stops them and not a Ray the developer runs beside the tests.
-    temp_dir = tempfile.mkdtemp(prefix="rdt-", dir="/tmp")
     start = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
@@ -62,8 +68,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
         pytest.fail(f"ray start failed: {start.stderr[-2000:]}")
     ip = _node_ip(start.stdout) or "127.0.0.1"
     cluster = LocalCluster(f"{ip}:{gcs}", f"http://127.0.0.1:{dashboard}", metrics, env)
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TRAIN_V2_ENABLED")}
-    os.environ.update({"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"})
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update({"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
     try:
         yield cluster
     finally:

@@ -71,3 +71,28 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     good.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(good)
+
+
+def test_checkpoints_and_json_get_the_umask_mode_and_json_has_no_nan(tmp_path):
+    """Shared storage: another user id can read best.pt and summary.json (not mkstemp's 0600);
+    NaN is written as null, and a failed write leaves the old file and no temp file."""
+    import json
+    import os
+
+    from resnet_dist.checkpoint import default_file_mode
+    from resnet_dist.training import write_json
+
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        path = save_checkpoint({"format_version": 1, "x": torch.zeros(2)}, tmp_path / "best.pt")
+        write_json(tmp_path / "s.json", {"before": float("nan"), "after": [0.5, float("inf")]})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {"before": None, "after": [0.5, None]}
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "s.json", {"bad": object()})
+    assert json.loads((tmp_path / "s.json").read_text())["after"] == [0.5, None]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "s.json"]

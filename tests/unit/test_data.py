@@ -366,3 +366,41 @@ def test_a_users_folder_gets_a_tenth_of_train_as_val_and_prepared_data_is_used_a
     assert data.ensure_prepared(folder, tmp_path / "prepared") == out and mtimes(out) == before   # no-op re-run
     assert data.ensure_prepared(out, tmp_path / "elsewhere") == out   # prepared Parquet is used where it is
     assert not (tmp_path / "elsewhere").exists()
+
+
+class _RunsACommand:
+    """What a hostile batches.meta holds: unpickling it would call os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("hostile", ["batches.meta", "data_batch_2"])
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(hostile, tmp_path, capsys):
+    from jobs.prepare_data import main
+
+    batch_dir = write_cifar(tmp_path / "src", make_source())
+    marker = tmp_path / "pwned"
+    payload = {b"label_names": _RunsACommand(marker)} if hostile == "batches.meta" else _RunsACommand(marker)
+    (batch_dir / hostile).write_bytes(pickle.dumps(payload))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(batch_dir), str(out), "--val-size", "3"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "refused to load posix.system" in err and hostile in err
+    assert not marker.exists(), "the pickle's command ran"
+    assert not out.exists()
+
+
+def test_official_style_batches_still_load_at_every_pickle_protocol(tmp_path):
+    batch_dir = write_cifar(tmp_path / "src", make_source())
+    for name in ("data_batch_1", "batches.meta"):   # protocol 2: bytes via _codecs.encode, as Python 3 writes it
+        (batch_dir / name).write_bytes(pickle.dumps(pickle.loads((batch_dir / name).read_bytes()), protocol=2))
+    prepare_dataset(batch_dir, tmp_path / "out", val_size=3)
+    assert read_manifest(tmp_path / "out")["counts"] == {"train": 21, "val": 3, "test": 9}
