@@ -114,6 +114,21 @@ class ServeConfig:
     def user_config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LIVE_FIELDS}
 
+    def merged_user_config(self, user_config: dict[str, Any] | None) -> dict[str, Any]:
+        """A (possibly partial) user_config over this config's values, validated: a RayService
+        that sets only max_batch_size keeps the default wait. ConfigError (one line) on an
+        unknown key or a bad value, so Serve reports the update as failed with why."""
+        given = dict(user_config or {})
+        unknown = sorted(set(given) - set(LIVE_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown user_config key(s) {unknown}; the live ones are {list(LIVE_FIELDS)}")
+        try:
+            values = {"max_batch_size": int(given.get("max_batch_size", self.max_batch_size)),
+                      "batch_wait_timeout_s": float(given.get("batch_wait_timeout_s", self.batch_wait_timeout_s))}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"user_config {given}: {e}") from None
+        return dataclasses.replace(self, **values).validated().user_config()
+
 
 # --------------------------------------------------------------------------- HTTP app
 
@@ -242,8 +257,9 @@ class Classifier:
                                                      "flavor": self.predictor.ckpt["model_config"]["flavor"]})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-        self.predict_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        live = self.cfg.merged_user_config(user_config)
+        self.predict_batch.set_max_batch_size(live["max_batch_size"])
+        self.predict_batch.set_batch_wait_timeout_s(live["batch_wait_timeout_s"])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)   # overridden by reconfigure
     async def predict_batch(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,12 +203,25 @@ class ResumableASHA(ASHAScheduler):
         self._save()
 
 
+def set_aside_incomplete_experiment(path: Path) -> Path | None:
+    """A sweep killed after Tune wrote tuner.pkl but before its first experiment state has
+    nothing to resume, yet `Tuner.can_restore` says yes and `Tuner.restore` then fails on every
+    re-run. Such a directory is renamed aside (kept, not deleted) so the sweep starts afresh;
+    returns where it went, or None when there was nothing to set aside."""
+    if not (path / "tuner.pkl").is_file() or any(path.glob("experiment_state-*.json")):
+        return None
+    aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    return aside
+
+
 def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, num_samples: int, seed: int,
                 plan: dict[str, Any], resources: TrialResources, callbacks: list | None = None) -> tune.Tuner:
     """A new Tuner, or the same sweep restored when STORAGE/NAME holds one (finished
     trials are not re-run; ASHA-stopped ones stay stopped; ASHA keeps its rungs)."""
     trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
     path = str(Path(storage) / name)
+    set_aside_incomplete_experiment(Path(path))
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     # Tune ignores max_concurrent_trials for a generator passed in, so the generator caps it itself:

@@ -111,6 +111,8 @@ def decode_batch_json(body: bytes, max_images: int) -> list[bytes]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise InputError("malformed JSON body") from None
+    except RecursionError:   # [[[[...]]]] nested past Python's recursion limit: not an image list
+        raise InputError("malformed JSON body (nested too deeply)") from None
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
         raise InputError('body must be {"images": [base64 strings]}')

@@ -157,3 +157,24 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="looked for finetuned/best.pt, finetuned.pt, checkpoint.pt, best.pt"):
         resolve_checkpoint(tmp_path / "empty")
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    with pytest.raises(InputError) as err:
+        decode_batch_json(b"[" * 100_000 + b"]" * 100_000, 64)
+    assert err.value.status == 400 and "nested too deeply" in str(err.value)
+
+
+def test_a_partial_user_config_keeps_the_other_defaults_and_bad_ones_are_one_line():
+    """A RayService that sets only max_batch_size (k8s/rayservice.yaml) must not crash-loop."""
+    from cluster.serve import ServeConfig
+    from resnet_dist.config import ConfigError
+
+    cfg = ServeConfig(checkpoint="x", max_batch_size=16, batch_wait_timeout_s=0.005)
+    assert cfg.merged_user_config({"max_batch_size": 32}) == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+    assert cfg.merged_user_config({}) == cfg.merged_user_config(None) == cfg.user_config()
+    for bad, message in (({"max_batch_size": 0}, "max_batch_size must be in"), ({"batch_size": 8}, "unknown user_config"),
+                         ({"batch_wait_timeout_s": "soon"}, "user_config"), ({"max_batch_size": 1000}, "max_batch_size")):
+        with pytest.raises(ConfigError, match=message) as err:
+            cfg.merged_user_config(bad)
+        assert "\n" not in str(err.value)

@@ -138,3 +138,19 @@ def test_own_finetuning_data_gets_the_own_data_defaults_unless_options_say_other
                                                  "--finetune-epochs", "8", "--finetune-mode", "head"]))
     assert (typed.finetune_epochs, typed.finetune.mode) == (8, "head")
     assert own.finetune_data == str(tmp_path.resolve())
+
+
+def test_a_sweep_killed_before_its_first_experiment_state_starts_afresh(tmp_path):
+    from cluster.tune import set_aside_incomplete_experiment
+
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    (tune_dir / "tuner.pkl").write_bytes(b"state")
+    aside = set_aside_incomplete_experiment(tune_dir)
+    assert aside is not None and (aside / "tuner.pkl").read_bytes() == b"state" and not tune_dir.exists()
+    # A restorable experiment (tuner.pkl and an experiment state) and a new one are left alone.
+    tune_dir.mkdir()
+    (tune_dir / "tuner.pkl").write_bytes(b"state")
+    (tune_dir / "experiment_state-2026-12-02_10-00-00.json").write_text("{}")
+    assert set_aside_incomplete_experiment(tune_dir) is None and (tune_dir / "tuner.pkl").exists()
+    assert set_aside_incomplete_experiment(tmp_path / "new") is None
