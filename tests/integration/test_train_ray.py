@@ -165,7 +165,7 @@ def test_ray_job_submit_runs_the_training_job(ray_cluster, tiny_data_dir, tmp_pa
         )
         # The dashboard's answer when its job agent did not answer within 10 s: nothing was
         # submitted, and it asks the client to try again. Seen in two full-suite runs on these
-        # 2 cores (2026-12-02), late in the suite; the test passed after it here.
+        # 2 cores (2026-12-02) while a second Ray cluster ran on the machine.
         if "No available agent to submit job, please try again later" not in submit.stderr:
             break
         time.sleep(10)
