@@ -19,7 +19,7 @@ import ray.tune as tune
 
 from cluster.progress import fit_streaming
 from cluster.runtime import cluster_cpus, cluster_gpus, connect
-from cluster.tracking import TrackingConfig, log_artifacts
+from cluster.tracking import TrackingConfig, check_mlflow_uri, log_artifacts
 from cluster.train import CHECKPOINT_FILE, WorkerJob, build_trainer, default_threads
 from cluster.tune import (
     TRIAL_DRIVER_CPUS, AshaConfig, SearchSpace, TrialResources, build_tuner, plan_resources, trial_run_config,
@@ -130,6 +130,7 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError("--finetune-epochs, --finetune-subset and --finetune-batch-size must be >= 0 "
                           "(0 = from the data's size), --finetune-lr > 0")
     read_manifest(cfg.data_dir)
+    check_mlflow_uri(cfg.mlflow_uri)
     if cfg.finetune_data and not Path(cfg.finetune_data).exists():
         raise ConfigError(f"fine-tuning data {cfg.finetune_data} does not exist")
     if "://" in cfg.storage:

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from resnet_dist.config import ConfigError
+
 RUN_TAG = "resnet_dist.run"
 TRAIN_EXPERIMENT = "resnet-dist-train"         # jobs/train.py runs; a sweep's experiment is its name
-FINETUNE_EXPERIMENT = "resnet-dist-finetune"   # jobs/finetune.py runs
 # Epoch-record key -> TensorBoard tag (MLflow takes the record's own keys).
 SCALARS = {
     "train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
@@ -53,6 +54,27 @@ class TrackingConfig:
         out = Path(out_dir).resolve()
         uri = (out / "mlruns").as_uri() if mlflow_uri is None else ("" if mlflow_uri == "off" else mlflow_uri)
         return cls(str(out / "tensorboard"), uri, experiment, run_name, dict(tags))
+
+
+def check_mlflow_uri(uri: str | None) -> None:
+    """Fail fast, at the entry point, on an MLflow URI that cannot be used: one ConfigError line,
+    instead of every trial's worker retrying a dead server for minutes. The default (None),
+    "off" and file stores need no check."""
+    if uri is None or uri == "off" or uri.startswith("file:"):
+        return
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}   # this probe only
+    saved = {k: os.environ.get(k) for k in probe}
+    os.environ.update(probe)
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:   # MlflowException, connection errors, unknown schemes
+        raise ConfigError(f"--mlflow-uri {uri}: cannot use it ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -135,24 +157,28 @@ class Tracker:
                 self.writer.add_scalar(SCALARS[k], v, step)
             self.writer.flush()
         if self.client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+            _log_metrics(self.client, self.run_id, values, step)
 
     def log_metrics(self, values: Mapping[str, float]) -> None:
         """Run-level figures (test accuracy before/after); MLflow only."""
         if self.client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+            _log_metrics(self.client, self.run_id, values)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.writer is not None:
             self.writer.close()
         if self.client is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def _log_metrics(client, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
+    """One MLflow batch of metrics at `step`; NaN and infinities are left out ("before" is not a
+    number when fine-tuning changed the classes, and MLflow's UI cannot plot one)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
+                                      if math.isfinite(float(v))])
 
 
 def _find(cfg: TrackingConfig, run_name: str):
@@ -173,12 +199,7 @@ def log_artifacts(cfg: TrackingConfig, run_name: str, paths: list[str | os.PathL
         return False
     client, run_id = found
     if metrics:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        # No NaN: "before" is not a number when fine-tuning changed the classes.
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                          if math.isfinite(float(v))])
+        _log_metrics(client, run_id, metrics)
     for p in paths:
         if Path(p).is_file():
             client.log_artifact(run_id, str(p))

@@ -22,6 +22,7 @@ from resnet_dist.data import DataError
 
 
 def main(argv=None) -> None:
+    from cluster.tracking import check_mlflow_uri
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
     from resnet_dist.console import console, print_eval_report
     from resnet_dist.finetune import FINETUNE_MODES, MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH, FinetuneConfig
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
         src = load_checkpoint(source)
         if not data.exists():
             raise DataError(f"fine-tuning data {data} does not exist")
+        check_mlflow_uri(args.mlflow_uri)
         out.mkdir(parents=True, exist_ok=True)
         run = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "subset": args.subset, "batch_size": args.batch_size}
         if args.local:

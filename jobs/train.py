@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from cluster.tracking import check_mlflow_uri
 from resnet_dist.cli import add_config_args, config_from_args, die, job_parser
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
 from resnet_dist.data import DataError, read_manifest
@@ -37,6 +38,7 @@ def main(argv=None) -> None:
     try:
         cfg = config_from_args(args, RunConfig().replace(**TRAIN_PRESETS[args.preset]))
         read_manifest(cfg.data.data_dir)   # fail fast on missing or corrupt data
+        check_mlflow_uri(args.mlflow_uri)
     except (ConfigError, DataError) as e:
         die(str(e))
     run_dir = args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -47,7 +49,6 @@ def main(argv=None) -> None:
         from cluster.train import run_distributed
 
         set_verbose(args.verbose)
-
         try:
             run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker, args.max_failures,
                             args.data_path, args.mlflow_uri)

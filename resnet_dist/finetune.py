@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, unwrap
 from resnet_dist.config import ConfigError, ModelConfig, RunConfig, section_from_dict
-from resnet_dist.data import ensure_prepared, read_manifest
+from resnet_dist.data import ensure_prepared, read_manifest, read_split
 from resnet_dist.engine import EvalResult, evaluate, select_device
 from resnet_dist.loader import ArrayLoader
-from resnet_dist.metrics import classification_report
+from resnet_dist.metrics import accuracy, classification_report, confusion_matrix
 from resnet_dist.models import ResNet
 from resnet_dist.training import (
     BEST_CHECKPOINT, TrainingHooks, build_training, evaluate_checkpoint, load_loaders, run_epochs, write_json,
@@ -253,9 +252,6 @@ def linear_probe(source: dict[str, Any], data_dir: str | os.PathLike,
     Features of train (no augmentation), the weight decay picked on val, then the test split
     evaluated with flip TTA. Returns (a checkpoint dict: the source with this head and the new
     classes, from which fine-tuning can start; the test EvalResult)."""
-    from resnet_dist.data import read_split
-    from resnet_dist.metrics import confusion_matrix
-
     device = device or select_device()
     manifest = read_manifest(data_dir)
     classes = manifest["classes"]
@@ -284,7 +280,7 @@ def linear_probe(source: dict[str, Any], data_dir: str | os.PathLike,
         logits = 0.5 * (head(test_f) + head(test_ff))
         loss = nn.functional.cross_entropy(logits, test_y).item()
     cm = confusion_matrix(test_y.cpu().numpy(), logits.argmax(1).cpu().numpy(), len(classes))
-    result = EvalResult(loss=loss, accuracy=float(np.trace(cm) / max(1, cm.sum())), confusion=cm, images=int(cm.sum()))
+    result = EvalResult(loss=loss, accuracy=accuracy(cm), confusion=cm, images=int(cm.sum()))
     probe = {**source, "model_state": {**source["model_state"], "fc.weight": head.weight.detach().cpu().clone(),
                                        "fc.bias": head.bias.detach().cpu().clone()},
              "model_config": {**source["model_config"], "num_classes": len(classes)}, "classes": list(classes),

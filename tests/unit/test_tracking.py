@@ -89,3 +89,17 @@ def test_mlflow_off_still_writes_tensorboard(tmp_path):
     hooks.tracker.close()
     assert seen == ["start", "step", "end"] and not (tmp_path / "mlruns").exists()
     assert scalars(tmp_path / "tensorboard", "r", "accuracy/val") == [(1, pytest.approx(0.5))]
+
+
+def test_an_unusable_mlflow_uri_is_one_line_before_anything_runs(tiny_data_dir, tmp_path, capsys):
+    """Nothing listens on port 9 here: the job says so in one line and exits 2, instead of
+    every worker retrying a dead tracking server."""
+    from jobs.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--local", "--data", str(tiny_data_dir), "--run-dir", str(tmp_path / "r"),
+              "--mlflow-uri", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: --mlflow-uri http://127.0.0.1:9: cannot use it")
+    assert not (tmp_path / "r").exists()
