@@ -127,13 +127,13 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"error: jobs/finetune.py failed: {(run.stderr or run.stdout).strip().splitlines()[-1:]}")
-    summary = json.loads((out / "finetuned" / "finetune.json").read_text())
+    summary = json.loads((out / "finetune.json").read_text())
     before, after = summary["before"]["accuracy"], summary["after"]["accuracy"]
     epochs = len(summary["history"])
-    print(f"{len(summary['after']['classes'])} classes, {summary['config']['run']['train']['batch_size']} batch, {epochs} epochs: "
+    print(f"{len(summary['after']['classes'])} classes, {summary['config']['train']['batch_size']} batch, {epochs} epochs: "
           f"before ({summary['before_kind']}) {before:.2%}, after {after:.2%}, {seconds:.0f} s wall")
     print(json.dumps({"before": before, "before_kind": summary["before_kind"], "after": after, "epochs": epochs,
-                      "batch_size": summary["config"]["run"]["train"]["batch_size"], "seconds": round(seconds, 1),
+                      "batch_size": summary["config"]["train"]["batch_size"], "seconds": round(seconds, 1),
                       "options": args.extra}))
 
 

@@ -300,7 +300,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-    from resnet_dist.cli import die
+    from termui.cli import die
     from resnet_dist.inference import resolve_checkpoint
 
     try:

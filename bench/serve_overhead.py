@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-    from resnet_dist.cli import die
+    from termui.cli import die
     from resnet_dist.inference import resolve_checkpoint
 
     try:

@@ -44,15 +44,19 @@ def plain_loop(cfg, threads: int) -> dict:
 
 
 def ray_run(cfg, workers: int, threads: int, data_path: str, name: str, storage: str) -> dict:
-    from cluster.progress import fit_streaming
-    from cluster.train import WorkerJob, build_trainer, default_cpus_per_worker
-    from resnet_dist.data import read_manifest
+    from dataclasses import replace
 
-    job = WorkerJob(cfg, read_manifest(cfg.data.data_dir), threads, data_path=data_path)
-    cpus = default_cpus_per_worker(workers, use_gpu=False)
+    from cluster.progress import fit_streaming
+    from cluster.resources import plan_for_cluster
+    from cluster.train import WorkerJob, build_trainer
+    from resnet_dist.data import read_manifest
+    from resnet_dist.spec import RunSpec
+
+    job = WorkerJob(RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir)), threads, data_path=data_path)
+    res = replace(plan_for_cluster(workers), threads=threads, data_path=data_path)
     reports: list[dict] = []
     t0 = time.perf_counter()
-    fit_streaming(lambda cbs: build_trainer(job, cfg.data.data_dir, workers, name, storage, False, cpus, 0, cbs),
+    fit_streaming(lambda cbs: build_trainer(job, res, name, storage, 0, cbs),
                   lambda r: reports.append(r["metrics"][0]))
     last = reports[-1]
     return {"images_per_s": last["images_per_s"], "data_wait_frac": last["data_wait_frac"],

@@ -18,17 +18,20 @@ from resnet_dist.config import DataConfig
 from resnet_dist.data import decode_images, split_files
 
 
-def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0) -> ray.data.Dataset:
+def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0,
+               shuffle_files: bool = True) -> ray.data.Dataset:
     """A split's Parquet shards as a Ray Dataset of raw rows (image bytes, label).
 
     The train split is read in a new random file order each epoch ("files"
     shuffle); rows were already shuffled once at conversion, and a local shuffle
     buffer in the iterator mixes across shard boundaries. This costs nothing
-    next to a full `random_shuffle` (see docs/benchmarks.md).
+    next to a full `random_shuffle` (see docs/benchmarks.md). `shuffle_files=False` keeps the
+    file order: the device path reads its shard once and shuffles it itself, seeded, as the
+    local loop does.
     """
     splits = [split] if isinstance(split, str) else list(split)
     files = [f for s in splits for f in split_files(data_dir, s)]
-    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle="files" if "train" in splits else None)
+    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle="files" if "train" in splits and shuffle_files else None)
     return ds.limit(limit) if limit else ds
 
 
@@ -64,7 +67,8 @@ def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
     out = {}
     for split in splits:
         train = split == "train"
-        ds = read_split(data_dir, tuple(train_splits) if train else split, data.train_subset if train else 0)
+        ds = read_split(data_dir, tuple(train_splits) if train else split, data.train_subset if train else 0,
+                        shuffle_files=not raw_train)
         fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None,
                         raw=train and raw_train)
         # A plain function keeps the work in short tasks; batch 500 images = 1.5 MB raw, 6 MB out.

@@ -12,7 +12,6 @@ import time
 
 from ray.util.metrics import Counter, Gauge
 
-from resnet_dist.engine import EpochStats
 
 TRAIN_TAGS = ("run", "trial", "rank")
 # Ray 2.60 evicts a gauge series that was not set again within two metric export
@@ -68,17 +67,19 @@ class TrainMetrics:
         self.epochs = Counter("resnet_dist_train_epochs", description="epochs completed", tag_keys=TRAIN_TAGS)
         self.keeper = GaugeKeeper()
 
-    def observe_epoch(self, stats: EpochStats, record: dict[str, float]) -> None:
+    def observe(self, record: dict[str, float]) -> None:
+        """One report of the training loop (resnet_dist.training.epoch_record)."""
         t, keep = self.tags, self.keeper.set
         # Per-rank throughput: this rank's share of the global images.
-        keep(self.images_per_second, stats.images_per_second / max(1, _world()), t)
-        keep(self.step_seconds, stats.step_seconds, t)
-        keep(self.data_wait_seconds, stats.data_wait_seconds / max(1, stats.steps), t)
-        keep(self.epoch_seconds, stats.seconds, t)
-        keep(self.loss, stats.loss, t)
-        keep(self.train_accuracy, stats.accuracy, t)
+        keep(self.images_per_second, record["images_per_s"] / max(1, _world()), t)
+        keep(self.step_seconds, record["step_s"], t)
+        keep(self.data_wait_seconds, record["step_s"] * record["data_wait_frac"], t)
+        keep(self.epoch_seconds, record["epoch_s"], t)
+        keep(self.loss, record["train_loss"], t)
+        keep(self.train_accuracy, record["train_acc"], t)
         keep(self.val_accuracy, record["val_acc"], t)
-        self.epochs.inc(1, tags=t)
+        if float(record["epoch"]).is_integer():
+            self.epochs.inc(1, tags=t)
 
 
 def _world() -> int:

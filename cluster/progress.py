@@ -1,8 +1,9 @@
-"""Live progress from Ray Train to the driver's terminal.
+"""Live progress to the driver's terminal, from Ray Train and from Ray Tune.
 
 Ray Train callbacks run in the Train controller actor, not in the driver, so
-`ReportForwarder` forwards each epoch's report through a Ray queue and
-`fit_streaming` prints them in the driver while `fit()` runs.
+`ReportForwarder` forwards each report through a Ray queue and `fit_streaming`
+prints them in the driver while `fit()` runs. Tune callbacks run in the driver:
+`LiveTrials` draws the sweep's one table of trials.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import queue as stdlib_queue
 import threading
 from typing import Any, Callable
+
+import ray.tune as tune
 
 from ray.train import UserCallback
 from ray.util.queue import Queue
@@ -48,3 +51,85 @@ def fit_streaming(trainer_factory: Callable[[list], Any], on_report: Callable[[d
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+class LiveTrials(tune.Callback):
+    """A rich live table of trials (status, epoch, val acc), refreshed as results arrive.
+    Tune callbacks run in the driver, so this draws in the user's terminal."""
+
+    def __init__(self, max_epochs: int = 0) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.max_epochs = max_epochs
+        self.live = None   # made in setup(): Tune pickles its callbacks, and a Live holds locks
+        self._terminal = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"rows": self.rows, "max_epochs": self.max_epochs, "live": None, "_terminal": self._terminal}
+
+    def _table(self):
+        from rich.table import Table
+
+        t = Table(title="ASHA sweep")
+        for col in ("trial", "status", "model", "optimizer", "lr", "epoch", "val acc"):
+            t.add_column(col, justify="right")
+        for tid, r in self.rows.items():
+            t.add_row(tid, r["status"], r["model"], r["optimizer"], r["lr"], str(r.get("epoch", "")),
+                      f"{r['val_acc']:.2%}" if "val_acc" in r else "")
+        return t
+
+    def _update(self, trial, status: str, result: dict | None = None) -> None:
+        c = trial.config
+        row = self.rows.setdefault(trial.trial_id, {
+            "model": f"{c['flavor']} x{c['width']:g}", "optimizer": c["optimizer"],
+            "lr": f"{c['lr_mult']:.2f}x", "status": status})
+        changed = row["status"] != status or bool(result)
+        row["status"] = status
+        if result:
+            row.update(epoch=int(result.get("epoch", 0)), val_acc=float(result.get("val_acc", 0.0)))
+        if self.live is not None:
+            self.live.update(self._table())
+        if changed and not self._terminal:
+            self._print_line(trial.trial_id, row, result)
+
+    def _print_line(self, trial_id: str, row: dict[str, Any], result: dict | None) -> None:
+        """Outside a terminal (a job log) a live table cannot redraw: one line per event instead."""
+        from termui.console import console
+
+        line = f"trial {trial_id} ({row['model']}, {row['optimizer']}, lr {row['lr']}): {row['status']}"
+        if result:
+            epoch_s = float(result.get("epoch_s", 0.0))
+            left = max(0, self.max_epochs - row["epoch"])
+            line += (f", epoch {row['epoch']}/{self.max_epochs}: val acc {row['val_acc']:.2%}, "
+                     f"{float(result.get('images_per_s', 0.0)):.0f} img/s, {epoch_s:.1f} s/epoch"
+                     + (f", ETA {left * epoch_s:.0f} s if ASHA keeps it" if left else ""))
+        console.print(line, soft_wrap=True)
+
+    def setup(self, **info) -> None:
+        from rich.live import Live
+
+        from termui.console import console
+
+        self._terminal = console.is_terminal
+        if self._terminal:
+            self.live = Live(self._table(), console=console, refresh_per_second=2)
+            self.live.start()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._update(trial, "RUNNING", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "DONE" if self.rows[trial.trial_id].get("epoch") else "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trial, "ERROR")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.live is not None:
+            self.live.stop()
+        else:
+            from termui.console import console
+
+            console.print(self._table())

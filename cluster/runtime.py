@@ -8,12 +8,6 @@ import os
 import ray
 import ray.data
 
-# Ray Train V2 (the default since Ray 2.50) is what this project is written for.
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# The Train controller polls workers (and so drains their reports) at this
-# interval, 2 s by default; 0.2 s cuts a few seconds off every fit() and report.
-# The driver forwards it to the controller and workers.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Serve's throughput mode (Ray's own switch, documented for KubeRay): the router and
 # user code run on the proxy's and replica's main event loops, the proxy reaches the
 # replica over gRPC, request logs are buffered. Measured with bench/serve_load.py on 2

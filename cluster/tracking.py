@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from resnet_dist.config import ConfigError
+from resnet_dist.training import Sink
 
 RUN_TAG = "resnet_dist.run"
 TRAIN_EXPERIMENT = "resnet-dist-train"         # jobs/train.py runs; a sweep's experiment is its name
@@ -149,7 +150,7 @@ class Tracker:
                 self.client.update_run(self.run_id, status="RUNNING")
 
     def log_epoch(self, record: Mapping[str, Any], step: int | None = None) -> None:
-        """Scalars of one epoch record (resnet_dist.training.epoch_record); step = its epoch."""
+        """Scalars of one epoch record (resnet_dist.training.epoch_record); step = its epoch unless given."""
         step = int(record["epoch"]) if step is None else step
         values = {k: float(record[k]) for k in SCALARS if k in record}
         if self.writer is not None:
@@ -206,31 +207,28 @@ def log_artifacts(cfg: TrackingConfig, run_name: str, paths: list[str | os.PathL
     return True
 
 
-class TrackedHooks:
-    """The local loop's hooks (resnet_dist.training.TrainingHooks) with tracking added."""
+class TrackerSink(Sink):
+    """A sink of the training loop (resnet_dist.training) that tracks every report: at its
+    epoch as the step, or, for reports between epoch ends (train.report_every_images), at the
+    run's optimizer step."""
 
-    def __init__(self, inner: Any, tracker: Tracker) -> None:
-        self.inner, self.tracker = inner, tracker
+    def __init__(self, tracker: Tracker, per_epoch: bool = True) -> None:
+        self.tracker, self.per_epoch = tracker, per_epoch
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.inner.epoch_start(epoch, epochs, steps)
+    def report(self, record, history, checkpoint) -> None:
+        self.tracker.log_epoch(record, None if self.per_epoch else int(record["step"]))
 
-    def step(self, step: int, images: int) -> None:
-        self.inner.step(step, images)
-
-    def epoch_end(self, record: dict[str, float], history: list[dict[str, float]]) -> None:
-        self.inner.epoch_end(record, history)
-        self.tracker.log_epoch(record)
+    def close(self) -> None:
+        self.tracker.close()
 
 
-
-def run_tracked(cfg: TrackingConfig, params: Mapping[str, Any], inner: Any, fn: Callable[[TrackedHooks], Any],
-                metrics: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
-    """Run a local loop, `fn(hooks)`, with its epochs tracked; the run is closed FINISHED with
+def run_tracked(cfg: TrackingConfig, params: Mapping[str, Any], fn: Callable[[Sink], Any],
+                metrics: Callable[[Any], Mapping[str, float]] | None = None, per_epoch: bool = True) -> Any:
+    """Run a local loop, `fn(sink)`, with its reports tracked; the run is closed FINISHED with
     `metrics(result)` logged, or FAILED if `fn` raises. Returns what `fn` returned."""
     tracker = Tracker(cfg, params)
     try:
-        result = fn(TrackedHooks(inner, tracker))
+        result = fn(TrackerSink(tracker, per_epoch))
     except BaseException:
         tracker.close("FAILED")
         raise

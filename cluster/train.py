@@ -1,19 +1,19 @@
 """Ray Train: the DDP worker loop and the TorchTrainer around it.
 
-The worker loop is resnet_dist's engine fed by Ray Data; this file only adds
-what Ray needs: the config dict, the dataset shards, `prepare_model` (DDP),
-`ray.train.report` once per epoch with a checkpoint, and restore from
-`ray.train.get_checkpoint()` after a failure or a re-run.
+The worker runs resnet_dist's one training loop (`resnet_dist.training.run_loop`), fed by
+Ray Data; this file only adds what Ray needs: the config dict, the dataset shards,
+`prepare_model` (DDP), a sink that calls `ray.train.report` with a checkpoint, and the
+restore from `ray.train.get_checkpoint()` after a failure or a re-run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 import ray.train
@@ -22,136 +22,127 @@ import torch
 
 from cluster.data import build_datasets, materialize, torch_batches
 from cluster.metrics import TrainMetrics
-from cluster.tracking import TRAIN_EXPERIMENT, Tracker, TrackingConfig, log_artifacts
-from resnet_dist.checkpoint import CHECKPOINT_FILE, build_checkpoint, load_checkpoint, save_checkpoint
-from resnet_dist.config import ConfigError, ModelConfig, RunConfig
-from resnet_dist.engine import evaluate, train_epoch
-from resnet_dist.finetune import FinetuneConfig, prepare_finetune, set_train_mode
+from cluster.progress import fit_streaming
+from cluster.resources import Resources
+from cluster.tracking import Tracker, TrackerSink, TrackingConfig
+from resnet_dist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from resnet_dist.config import ConfigError, RunConfig
 from resnet_dist.loader import ArrayLoader
-from resnet_dist.training import build_training, epoch_record, restore_training
+from resnet_dist.local import loader_seed
+from resnet_dist.spec import RunSpec
+from resnet_dist.training import Position, Sink, Sinks, build_state, restore_training, run_loop
 
 # Keep this many checkpoints per run, ranked by validation accuracy.
 KEEP_CHECKPOINTS = 2
+# The Train controller polls its workers (and so drains their reports) at this interval, 2 s by
+# default; 0.2 s cuts a few seconds off every fit() and report. `fit()` forwards it to the
+# controller from the environment of the process that calls it, which for a sweep is each
+# trial's own process, not the sweep driver: so it is set where the trainer is built.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 @dataclass(frozen=True)
 class WorkerJob:
     """Everything a Train worker needs, sent as a plain dict (`train_loop_config`)."""
 
-    run: RunConfig
-    manifest: dict[str, Any]      # classes, image_shape, counts, mean, std, fingerprint
+    spec: RunSpec
     threads: int = 1              # torch CPU threads per worker
     tags: dict[str, str] = field(default_factory=dict)   # metric labels, e.g. the trial id
     # "pipeline": Ray Data augments every epoch (CPU default); "device": each worker reads
     # its shard once and augments on its device (GPU default, airbench-style).
     data_path: str = "pipeline"
-    train_splits: tuple[str, ...] = ("train",)   # fine-tuning on CIFAR-10 trains on train + val
-    init_checkpoint: str = ""                    # fine-tuning: the checkpoint to start from
-    finetune: dict[str, Any] | None = None       # fine-tuning: FinetuneConfig fields
     tracking: dict[str, Any] | None = None       # cluster.tracking.TrackingConfig fields; rank 0 logs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run.to_dict(), "manifest": self.manifest, "threads": self.threads, "tags": self.tags,
-                "data_path": self.data_path, "train_splits": list(self.train_splits),
-                "init_checkpoint": self.init_checkpoint, "finetune": self.finetune, "tracking": self.tracking}
+        return {"spec": self.spec.to_dict(), "threads": self.threads, "tags": self.tags,
+                "data_path": self.data_path, "tracking": self.tracking}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WorkerJob":
-        return cls(RunConfig.from_dict(d["run"]), d["manifest"], d["threads"], d["tags"], d["data_path"],
-                   tuple(d["train_splits"]), d["init_checkpoint"], d["finetune"], d.get("tracking"))
+        return cls(RunSpec.from_dict(d["spec"]), d["threads"], d["tags"], d["data_path"], d["tracking"])
 
 
-def steps_per_epoch(job: WorkerJob) -> int:
-    n = sum(job.manifest["counts"][s] for s in job.train_splits)
-    if job.run.data.train_subset:
-        n = min(n, job.run.data.train_subset)
-    return n // job.run.train.batch_size
+class RaySink(Sink):
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def report(self, record: dict[str, Any], history: list[dict[str, Any]], checkpoint: Callable[[], dict]) -> None:
+        metrics = {**record, "rank": self.rank}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        epoch = record["epoch"]
+        name = (f"checkpoint_epoch_{int(epoch):04d}" if float(epoch).is_integer()
+                else f"checkpoint_step_{int(record['step']):07d}")
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(checkpoint(), Path(d) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+
+
+class MetricsSink(Sink):
+    """Prometheus gauges of this worker (cluster/metrics.py), set at every report."""
+
+    def __init__(self, metrics: TrainMetrics) -> None:
+        self.metrics = metrics
+
+    def report(self, record, history, checkpoint) -> None:
+        self.metrics.observe(record)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = WorkerJob.from_dict(config)
-    cfg = job.run
+    spec, cfg = job.spec, job.spec.run
     torch.set_num_threads(job.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    classes = job.manifest["classes"]
-    model_cfg = ModelConfig(**{**cfg.model.__dict__, "num_classes": len(classes)})
-    torch.manual_seed(cfg.train.seed)   # same initial weights on every rank (DDP also broadcasts them)
     per_worker_batch = cfg.train.batch_size // world
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    if job.data_path == "device":
+        images, labels = materialize(train_shard, device)
+        loader = ArrayLoader(images, labels, per_worker_batch, spec.mean, spec.std, data=cfg.data, train=True,
+                             seed=loader_seed(cfg.train.seed, rank))
+        steps = len(loader)
+        # 5,000 normalised val images = 61 MB of float32; re-running Ray Data for them every
+        # report costs seconds of task start-up on a small node.
+        vx, vy = materialize(val_shard, device)
+        val = list(zip(vx.split(cfg.train.eval_batch_size), vy.split(cfg.train.eval_batch_size)))
 
-    model, lr_scale, train_mode = None, None, None
-    if job.finetune is not None:
-        ft = FinetuneConfig(**job.finetune)
-        model, model_cfg, lr_scale = prepare_finetune(load_checkpoint(job.init_checkpoint), len(classes), ft)
-        train_mode = set_train_mode   # frozen BN layers stay in eval mode
-    state = build_training(cfg, model_cfg, steps_per_epoch(job), device, model=model, lr_scale=lr_scale,
-                           wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
-    start_epoch, history = 0, []
+        def train_batches(epoch: int):
+            loader.set_epoch(epoch)
+            return loader
+
+        def val_batches():
+            return val
+    else:
+        # streaming_split(equal=True) gives each worker train_images // world rows.
+        steps = (spec.train_images // world) // per_worker_batch
+
+        def train_batches(epoch: int):
+            return torch_batches(train_shard, per_worker_batch, train=True, device=device)
+
+        def val_batches():
+            return torch_batches(val_shard, cfg.train.eval_batch_size, train=False, device=device)
+
+    state = build_state(spec, device, steps, wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    start, history = Position(), []
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
-            ckpt = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        start_epoch = restore_training(state, ckpt)
-        history = list(ckpt["extra"].get("history", []))
-
-    metrics = TrainMetrics({**job.tags, "rank": str(rank)})
+            start, history = restore_training(state, load_checkpoint(Path(d) / CHECKPOINT_FILE))
     tracker = None
     if job.tracking and rank == 0:
         tracker = Tracker(TrackingConfig(**job.tracking), params={"config": cfg.to_dict(), **job.tags,
-                                                                 "finetune": job.finetune or {}})
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    on_device, val_on_device = None, None
-    if job.data_path == "device":
-        images, labels = materialize(train_shard, device)
-        on_device = ArrayLoader(images, labels, per_worker_batch, job.manifest["mean"], job.manifest["std"],
-                                data=cfg.data, train=True, seed=cfg.train.seed * 1000 + rank)
-        # 5,000 normalised val images = 61 MB of float32; re-running Ray Data for them every
-        # epoch costs seconds of task start-up on a small node.
-        vx, vy = materialize(val_shard, device)
-        val_on_device = list(zip(vx.split(cfg.train.eval_batch_size), vy.split(cfg.train.eval_batch_size)))
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if on_device is not None:
-            on_device.set_epoch(epoch)
-        batches = on_device if on_device is not None else torch_batches(train_shard, per_worker_batch, train=True, device=device)
-        stats = train_epoch(
-            state.model, batches, state.optimizer, state.scheduler, state.loss_fn, device, state.precision,
-            state.scaler, cfg.train.grad_accum, train_mode=train_mode,
-        )
-        val_batches = val_on_device if val_on_device is not None else torch_batches(
-            val_shard, cfg.train.eval_batch_size, train=False, device=device)
-        val = evaluate(state.model, val_batches, len(classes), device, state.precision, cfg.train.eval_flip_tta)
-        record = epoch_record(epoch + 1, stats, val, state.scheduler.get_last_lr()[0])
-        record["val_images"] = val.images
-        record["rank"] = rank
-        # Sum of all weights in float64: equal on every rank iff DDP kept the replicas in sync.
-        record["param_checksum"] = float(sum(p.detach().double().sum() for p in state.model.parameters()))
-        record["resumed_from_epoch"] = start_epoch
-        history.append(record)
-        metrics.observe_epoch(stats, record)
-        if tracker is not None:
-            tracker.log_epoch(record)
-        _report(record, history, state, job, model_cfg, rank)
-    if tracker is not None:
-        tracker.close()
-
-
-def _report(record: dict, history: list, state, job: WorkerJob, model_cfg: ModelConfig, rank: int) -> None:
-    """All ranks report (it is a barrier); rank 0 attaches the checkpoint."""
-    if rank != 0:
-        ray.train.report(record, checkpoint=None)
-        return
-    ckpt = build_checkpoint(
-        state.model, model_config=model_cfg, run_config=job.run.to_dict(), classes=job.manifest["classes"],
-        mean=job.manifest["mean"], std=job.manifest["std"], data_fingerprint=job.manifest["fingerprint"],
-        epoch=int(record["epoch"]), metrics=record, optimizer=state.optimizer, scheduler=state.scheduler,
-        extra={"history": history},
-    )
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(ckpt, Path(d) / CHECKPOINT_FILE)
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_epoch_{int(record['epoch']):04d}")
+                                                                 "finetune": spec.extra.get("finetune", {})})
+    sink = Sinks(RaySink(rank), MetricsSink(TrainMetrics({**job.tags, "rank": str(rank)})),
+                 TrackerSink(tracker) if tracker else None)
+    try:
+        run_loop(state, spec, train_batches, val_batches, sink, steps, start, history)
+    finally:
+        sink.close()
 
 
 def check_resources(cfg: RunConfig, workers: int, use_gpu: bool) -> None:
@@ -168,25 +159,25 @@ def check_resources(cfg: RunConfig, workers: int, use_gpu: bool) -> None:
         raise ConfigError(f"{workers} workers need {workers} {need}s but the Ray cluster has {have:g}")
 
 
-def build_trainer(
-    job: WorkerJob,
-    data_dir: str,
-    workers: int,
-    name: str,
-    storage_path: str,
-    use_gpu: bool = False,
-    cpus_per_worker: float = 1.0,
-    max_failures: int = 2,
-    callbacks: Sequence[Any] = (),
-) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for `job`; re-running with the same name and storage resumes it."""
+def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, max_failures: int = 2,
+                  callbacks: Sequence[Any] = ()) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer for `job` sized by `res`; re-running with the same name and storage resumes it."""
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)   # a user's own setting wins
+    spec = job.spec
+    device_path = job.data_path == "device"
+    ingest = ray.train.DataConfig.default_ingest_options()
+    # The device path reads each shard once, in file order, and shuffles it with a seeded
+    # permutation: the same batches as the local loop (the parity tests hold the two to it).
+    ingest.preserve_order = device_path
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
-        datasets=build_datasets(data_dir, job.manifest, job.run.data, raw_train=job.data_path == "device",
-                                train_splits=job.train_splits),
+        datasets=build_datasets(spec.run.data.data_dir, spec.manifest(), spec.run.data, raw_train=device_path,
+                                train_splits=spec.train_splits),
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker},
+            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -200,85 +191,75 @@ def build_trainer(
     )
 
 
-def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0,
-                    cpus_per_worker: float | None = None, max_failures: int = 2,
-                    data_path: str = "auto", mlflow_uri: str | None = None) -> dict[str, Any]:
-    """`jobs/train.py` without `--local`: DDP on Ray Train, the same outputs as a local run.
+def run_train(job: WorkerJob, res: Resources, run_path: Path, max_failures: int,
+              on_report: Callable[[dict], None]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Run `job` on Ray Train at `run_path` (STORAGE/NAME: a re-run resumes there), calling
+    `on_report` in this process for every report. Returns (the checkpoint the run delivers: its
+    last when it trained on val, else its best on val; the last checkpoint; the history)."""
+    result = fit_streaming(lambda callbacks: build_trainer(job, res, run_path.name, str(run_path.parent),
+                                                           max_failures, callbacks), on_report)
+    with result.checkpoint.as_directory() as d:
+        last = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    delivered = last
+    if not job.spec.selects_last:
+        best, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
+        with best.as_directory() as d:
+            delivered = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    return delivered, last, last["extra"]["history"]
 
-    `run_dir` is STORAGE/NAME for Ray Train: re-running with the same run dir
-    resumes from its latest checkpoint.
-    """
-    from cluster.progress import fit_streaming
-    from cluster.runtime import cluster_gpus, connect
-    from resnet_dist.console import console, eta_line, history_table, print_eval_report
-    from resnet_dist.data import read_manifest
-    from resnet_dist.training import BEST_CHECKPOINT, LAST_CHECKPOINT, evaluate_checkpoint, write_summary
 
-    connect()
-    cfg = cfg.replace(data={"data_dir": str(Path(cfg.data.data_dir).resolve())})   # workers run in another cwd
-    use_gpu = cluster_gpus() > 0
-    check_resources(cfg, workers, use_gpu)
-    manifest = read_manifest(cfg.data.data_dir)
-    cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(workers, use_gpu)
-    run_path = Path(run_dir).resolve()
-    tracking = TrackingConfig.for_dir(run_path, TRAIN_EXPERIMENT, run_path.name, mlflow_uri)
-    job = WorkerJob(cfg, manifest, threads or default_threads(workers, cpus), tags={"run": run_path.name},
-                    data_path=data_path if data_path != "auto" else ("device" if use_gpu else "pipeline"),
-                    tracking=tracking.to_dict())
-    console.print(f"[bold]Ray Train[/bold]: {workers} workers x {cpus:g} CPU{' + 1 GPU' if use_gpu else ''}, "
-                  f"{job.data_path} data path, "
-                  f"{cfg.model.flavor}, {cfg.train.epochs} epochs, global batch {cfg.train.batch_size} -> {run_path}")
+def report_logger(run_path: Path, title: str, epochs: int) -> Callable[[dict], None]:
+    """`on_report` of a job: every rank's report as one JSON line in run_path/reports.jsonl (a
+    user, and the tests, can compare ranks), then the history table and a progress line."""
+    from termui.console import console, eta_line, history_table
+
     history: list[dict] = []
-
     run_path.mkdir(parents=True, exist_ok=True)
 
     def on_report(report: dict) -> None:
         history.append(report["metrics"][0])
-        # Every rank's report, one JSON line per epoch: lets a user (and the tests) compare ranks.
         with open(run_path / "reports.jsonl", "a") as f:
             f.write(json.dumps(report["metrics"]) + "\n")
-        console.print(history_table(history, title=f"Training ({workers} workers)"))
-        console.print(eta_line(history, cfg.train.epochs, "training"))
+        console.print(history_table(history, title=title))
+        console.print(eta_line(history, epochs, title.lower()))
 
-    t0 = time.perf_counter()
-    result = fit_streaming(
-        lambda callbacks: build_trainer(job, cfg.data.data_dir, workers, run_path.name, str(run_path.parent),
-                                        use_gpu, cpus, max_failures, callbacks),
-        on_report,
-    )
-    console.print(f"fit() took {time.perf_counter() - t0:.1f} s")
-    best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
-    with best_ckpt.as_directory() as d:
-        best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    with result.checkpoint.as_directory() as d:
-        last = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    return on_report
+
+
+def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0,
+                    cpus_per_worker: float | None = None, max_failures: int = 2,
+                    data_path: str = "auto", mlflow_uri: str | None = None) -> dict[str, Any]:
+    """`jobs/train.py` without `--local`: DDP on Ray Train, the same outputs as a local run
+    (resnet_dist.outputs). `run_dir` is STORAGE/NAME for Ray Train: re-running with the same
+    run dir resumes from its latest checkpoint."""
+    from cluster.resources import plan_for_cluster
+    from cluster.runtime import connect
+    from cluster.tracking import TRAIN_EXPERIMENT, log_artifacts
+    from resnet_dist.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+    from resnet_dist.data import read_manifest
+    from resnet_dist.local import METRICS_FILE
+    from resnet_dist.outputs import wrap_up
+    from termui.console import console
+
+    connect()
+    res = plan_for_cluster(workers)
+    res = replace(res, threads=threads or res.threads, cpus_per_worker=cpus_per_worker or res.cpus_per_worker,
+                  data_path=res.data_path if data_path == "auto" else data_path)
+    check_resources(cfg, workers, res.use_gpu)
+    spec = RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir))
+    spec.steps_per_epoch()   # a clear error when there is not one batch
+    run_path = Path(run_dir).resolve()
+    tracking = TrackingConfig.for_dir(run_path, TRAIN_EXPERIMENT, run_path.name, mlflow_uri)
+    job = WorkerJob(spec, res.threads, tags={"run": run_path.name}, data_path=res.data_path,
+                    tracking=tracking.to_dict())
+    console.print(f"[bold]Ray Train[/bold]: {workers} workers x {res.cpus_per_worker:g} CPU"
+                  f"{' + 1 GPU' if res.use_gpu else ''}, {job.data_path} data path, {cfg.model.flavor}, "
+                  f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} -> {run_path}")
+    best, last, history = run_train(job, res, run_path, max_failures,
+                                    report_logger(run_path, f"Training ({workers} workers)", cfg.train.epochs))
     save_checkpoint(last, run_path / LAST_CHECKPOINT)
-    test = evaluate_checkpoint(best, cfg.data.data_dir, "test", flip_tta=cfg.train.eval_flip_tta)
-    best["metrics"]["test_acc"] = test.accuracy   # serving reports it (GET /v1/model)
-    save_checkpoint(best, run_path / BEST_CHECKPOINT)
-    summary = write_summary(run_path, cfg, last["extra"]["history"], best, test)
-    log_artifacts(tracking, run_path.name, [run_path / BEST_CHECKPOINT, run_path / "metrics.json"],
-                  {"test_acc": test.accuracy})
-    print_eval_report(summary["test"], "test (best val checkpoint)")
+    summary = wrap_up(run_path, best, history, cfg.data.data_dir, checkpoint_name=BEST_CHECKPOINT,
+                      summary_name=METRICS_FILE, flip_tta=cfg.train.eval_flip_tta)
+    log_artifacts(tracking, run_path.name, [run_path / BEST_CHECKPOINT, run_path / METRICS_FILE],
+                  {"test_acc": summary["test"]["accuracy"]})
     return summary
-
-
-def default_threads(workers: int, cpus_per_worker: float) -> int:
-    """torch threads per worker: on one node, its cores split evenly (logical CPU
-    shares may be fractional to leave room for Ray Data); else the worker's CPU share."""
-    from cluster.runtime import cluster_cpus
-
-    if len(ray.nodes()) == 1:
-        return max(1, int(cluster_cpus() // workers))
-    return max(1, round(cpus_per_worker))
-
-
-def default_cpus_per_worker(workers: int, use_gpu: bool) -> float:
-    """Logical CPUs per Train worker: a whole share of the cluster, less what the
-    Ray Data pipeline needs to keep feeding them (one CPU's worth, spread)."""
-    from cluster.runtime import cluster_cpus
-
-    if use_gpu:
-        return 1.0
-    spare = cluster_cpus() - 1.0   # leave one CPU for Ray Data's read/augment tasks
-    return max(0.5, min(1.0, spare / workers)) if spare > 0 else 0.5

@@ -9,7 +9,6 @@ CPU themselves; their Train workers hold the real resources.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,12 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from cluster.resources import TRIAL_DRIVER_CPUS, Resources
 from cluster.train import WorkerJob, build_trainer
-from resnet_dist.config import ConfigError, RunConfig
-from resnet_dist.models import FLAVORS
-from resnet_dist.training import write_json
+from resnet_dist.config import ConfigError, RunConfig, check_model_flavor
+from resnet_dist.outputs import write_json
+from resnet_dist.spec import RunSpec
 
-# Logical CPUs a trial's own driver function asks for: enough to be a real
-# resource request (Tune rejects 0), small enough to leave the CPUs to its workers.
-TRIAL_DRIVER_CPUS = 0.01
 # Peak learning rate per optimizer at the base batch size; the sweep samples a
 # log-uniform multiplier of it, so one range fits both optimizers.
 BASE_LR = {"sgd": 0.2, "adamw": 2e-3}
@@ -49,9 +46,8 @@ class SearchSpace:
         for name in ("flavors", "widths", "blocks", "optimizers", "momentum", "batch_sizes", "label_smoothing", "schedules"):
             if not getattr(self, name):
                 raise ConfigError(f"empty search space: no {name.replace('_', ' ')} to choose from")
-        bad = [f for f in self.flavors if f not in FLAVORS]
-        if bad:
-            raise ConfigError(f"unknown model flavor {bad[0]!r}; choose from {', '.join(FLAVORS)}")
+        for flavor in self.flavors:
+            check_model_flavor(flavor)
         for lo, hi, what in (*self.lr_mult, "lr multiplier"), (*self.weight_decay, "weight decay"):
             if not 0 < lo <= hi:
                 raise ConfigError(f"{what} range must satisfy 0 < low <= high, got {lo}..{hi}")
@@ -84,50 +80,18 @@ def trial_run_config(base: RunConfig, sample: dict[str, Any]) -> RunConfig:
     )
 
 
-@dataclass(frozen=True)
-class TrialResources:
-    """How each trial's Train run is sized, derived from the cluster (see `plan_resources`)."""
-
-    workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    threads: int
-    max_concurrent: int
-    data_path: str
-
-
-def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> TrialResources:
-    """Size trials so that every running trial's workers fit at once, with one CPU
-    left for Ray Data, and no trial waits PENDING for CPUs another trial's workers hold."""
-    if gpus >= 1:
-        concurrent = max(1, min(max_concurrent, int(gpus // workers)))
-        if concurrent * workers > gpus:
-            raise ConfigError(f"{workers} GPU workers per trial, but the cluster has {gpus:g} GPUs")
-        cpus_per_worker = max(1.0, math.floor((cpus - 1) / (concurrent * workers))) if cpus > 1 else 1.0
-        return TrialResources(workers, True, cpus_per_worker, int(cpus_per_worker), concurrent, "device")
-    spare = cpus - 1.0   # one whole CPU for Ray Data's read/augment tasks (each asks for 1)
-    if spare <= 0:
-        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs; a CPU sweep needs at least 2")
-    concurrent = max(1, min(max_concurrent, int(spare // (0.5 * workers))))
-    # The trials' own driver slivers come out of the workers' share, not Ray Data's:
-    # were Ray Data left 0.99 CPU, its 1-CPU read tasks could never be scheduled.
-    cpus_per_worker = min(1.0, (spare - concurrent * TRIAL_DRIVER_CPUS) / (concurrent * workers))
-    threads = max(1, node_cores // (concurrent * workers))
-    return TrialResources(workers, False, cpus_per_worker, threads, concurrent, "pipeline")
-
-
 def trial_fn(config: dict[str, Any]) -> None:
     """One Tune trial: a Ray Train run of the sampled config (a Train driver, not a worker)."""
     plan = config["plan"]
-    res = TrialResources(**plan["resources"])
+    res = Resources(**plan["resources"])
     cfg = trial_run_config(RunConfig.from_dict(plan["base"]), config)
     trial_id = tune.get_context().get_trial_id()
     tracking = {**plan["tracking"], "run_name": trial_id, "tags": {"trial": trial_id}} if plan.get("tracking") else None
-    job = WorkerJob(cfg, plan["manifest"], res.threads, tags={"run": plan["name"], "trial": trial_id},
-                    data_path=res.data_path, tracking=tracking)
+    job = WorkerJob(RunSpec.from_manifest(cfg, plan["manifest"]), res.threads,
+                    tags={"run": plan["name"], "trial": trial_id}, data_path=res.data_path, tracking=tracking)
     # The Train run is named after the trial, so a restored trial resumes its own checkpoints.
-    build_trainer(job, cfg.data.data_dir, res.workers, f"trial-{trial_id}", plan["train_storage"], res.use_gpu,
-                  res.cpus_per_worker, max_failures=1, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(job, res, f"trial-{trial_id}", plan["train_storage"], max_failures=1,
+                  callbacks=[TuneReportCallback()]).fit()
 
 
 @dataclass(frozen=True)
@@ -216,7 +180,7 @@ def set_aside_incomplete_experiment(path: Path) -> Path | None:
 
 
 def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, num_samples: int, seed: int,
-                plan: dict[str, Any], resources: TrialResources, callbacks: list | None = None) -> tune.Tuner:
+                plan: dict[str, Any], resources: Resources, callbacks: list | None = None) -> tune.Tuner:
     """A new Tuner, or the same sweep restored when STORAGE/NAME holds one (finished
     trials are not re-run; ASHA-stopped ones stay stopped; ASHA keeps its rungs)."""
     trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})

@@ -7,7 +7,7 @@ before and after: accuracy, per-class precision/recall, confusion matrix.
 
 --data is prepared Parquet (jobs/prepare_data.py) or an image folder/archive laid out as
 SPLIT/<class>/*.png (train/ and test/; val/ is carved from train). The output directory
-holds finetuned.pt (or finetuned/best.pt with --local) and finetune.json; serve it with
+holds finetuned.pt and finetune.json, with or without --local; serve it with
 `python jobs/serve.py OUT`.
 """
 
@@ -16,33 +16,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnet_dist.cli import die, job_parser
 from resnet_dist.config import OPTIMIZERS, ConfigError
 from resnet_dist.data import DataError
+from termui.cli import die, job_parser
 
 
 def main(argv=None) -> None:
-    from cluster.tracking import check_mlflow_uri
-    from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-    from resnet_dist.console import console, print_eval_report
-    from resnet_dist.finetune import FINETUNE_MODES, MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH, FinetuneConfig
-    from resnet_dist.finetune import OWN_DATA_DEFAULTS as OWN
-    from resnet_dist.training import BEST_CHECKPOINT
+    from cluster.tracking import TrackingConfig, check_mlflow_uri
+    from resnet_dist.checkpoint import SOURCE_ORDER, CheckpointError, load_checkpoint, resolve_checkpoint
+    from resnet_dist.config import FINETUNE_MODES, FinetuneConfig
+    from resnet_dist.finetune import MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH
+    from termui.console import console, print_eval_report
 
+    own = FinetuneConfig()   # the defaults for a user's own data (resnet_dist.config)
     p = job_parser(__doc__, ray=True)
     p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
     p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
-    p.add_argument("--mode", choices=FINETUNE_MODES, default=OWN["mode"], help="what trains (default: %(default)s)")
+    p.add_argument("--mode", choices=FINETUNE_MODES, default=own.mode, help="what trains (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=0,
                    help=f"epochs (default 0: enough for {MIN_STEPS} optimizer steps at the batch below)")
-    p.add_argument("--lr", type=float, default=OWN["lr"], help="peak lr of the head (default: %(default)s)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=OWN["optimizer"], help="(default: %(default)s)")
-    p.add_argument("--backbone-lr-scale", type=float, default=OWN["backbone_lr_scale"],
+    p.add_argument("--lr", type=float, default=own.lr, help="peak lr of the head (default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=own.optimizer, help="(default: %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=own.backbone_lr_scale,
                    help="lr multiplier of pretrained layers that train (default: %(default)s)")
-    p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--reset-head", action=argparse.BooleanOptionalAction, default=own.reset_head,
                    help="a new head even for the same classes (always new for other classes)")
-    p.add_argument("--probe-init", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--probe-init", action=argparse.BooleanOptionalAction, default=own.probe_init,
                    help="for other classes, start the head from the linear probe on the frozen backbone "
                         "(LP-FT; the probe is also what 'before' reports) instead of random weights")
     p.add_argument("--subset", type=int, default=0, help="training images per epoch (0 = all)")
@@ -54,41 +54,41 @@ def main(argv=None) -> None:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store in OUT/mlruns; off = none)")
     args = p.parse_args(argv)
 
-    ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale,
-                        probe_init=args.probe_init)
     # Absolute once, here: Ray Train's controller and workers run in other directories.
-    source = Path(args.checkpoint).resolve()
-    source = source / BEST_CHECKPOINT if (source / BEST_CHECKPOINT).is_file() else source
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale,
+                        probe_init=args.probe_init, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                        subset=args.subset, batch_size=args.batch_size, data=str(data))
     try:
         ft.validate()
-        if args.epochs < 0 or not args.lr > 0 or args.subset < 0 or args.workers < 1 or args.batch_size < 0:
-            raise ConfigError("--epochs, --subset and --batch-size must be >= 0 (0 = from the data's size), "
-                              "--workers >= 1, --lr > 0")
-        if not source.is_file():
-            raise ConfigError(f"no checkpoint at {source}")
-        src = load_checkpoint(source)
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        source = resolve_checkpoint(Path(args.checkpoint).resolve(), SOURCE_ORDER)
+        load_checkpoint(source)   # refuse a corrupt or foreign file before anything runs
         if not data.exists():
             raise DataError(f"fine-tuning data {data} does not exist")
         check_mlflow_uri(args.mlflow_uri)
-        out.mkdir(parents=True, exist_ok=True)
-        run = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "subset": args.subset, "batch_size": args.batch_size}
+        tracking = TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri)
         if args.local:
-            from cluster.tracking import TrackingConfig, run_tracked
-            from resnet_dist.console import RichHooks
-            from resnet_dist.finetune import finetune_job_local
+            from cluster.tracking import log_artifacts, run_tracked
+            from resnet_dist.checkpoint import FINETUNED_CHECKPOINT
+            from resnet_dist.local import finetune_local
+            from resnet_dist.training import Sinks
+            from termui.console import RichProgress
 
-            summary = run_tracked(TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri),
-                                  {"source": str(source), "mode": ft.mode, **run}, RichHooks(),
-                                  lambda hooks: finetune_job_local(src, source, data, out, ft, hooks=hooks, **run),
-                                  lambda s: {"test_acc_before": s["before"]["accuracy"], "test_acc_after": s["after"]["accuracy"]})
+            summary = run_tracked(tracking, {"source": str(source), **ft.to_dict()},
+                                  lambda sink: finetune_local(source, data, out, ft, Sinks(RichProgress(), sink)),
+                                  lambda s: {"test_acc_before": s["before"]["accuracy"],
+                                             "test_acc_after": s["after"]["accuracy"]})
+            log_artifacts(tracking, "finetune", [out / FINETUNED_CHECKPOINT, out / "finetune.json"])
         else:
-            from cluster.runtime import set_verbose
-            from cluster.sweep import finetune_job
+            from cluster.finetune import finetune_on_ray
+            from cluster.resources import plan_for_cluster
+            from cluster.runtime import connect, set_verbose
 
             set_verbose(args.verbose)
-            summary = finetune_job(source, data, out, ft, workers=args.workers, console=console,
-                                   mlflow_uri=args.mlflow_uri, **run)
+            connect()
+            summary = finetune_on_ray(source, data, out, ft, plan_for_cluster(args.workers), tracking, out.name)
     except (ConfigError, DataError, CheckpointError) as e:
         die(str(e))
     print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")

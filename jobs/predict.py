@@ -15,7 +15,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from resnet_dist.cli import die, job_parser
+from termui.cli import die, job_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from resnet_dist.cli import die, job_parser
+from termui.cli import die, job_parser
 from resnet_dist.constants import DEFAULT_VAL_SIZE
 from resnet_dist.data import DataError, prepare_dataset
 

@@ -17,7 +17,7 @@ import os
 import time
 
 from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-from resnet_dist.cli import die, job_parser
+from termui.cli import die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.inference import resolve_checkpoint
 

@@ -10,15 +10,18 @@ Re-running with the same --name and --storage resumes the sweep.
 
 from __future__ import annotations
 
-from resnet_dist.cli import die, job_parser
+from resnet_dist.checkpoint import CheckpointError
 from resnet_dist.config import ConfigError
 from resnet_dist.data import DataError
+from termui.cli import die, job_parser
 
 
 def main(argv=None) -> None:
     from cluster.runtime import set_verbose
-    from cluster.sweep import add_sweep_args, run_sweep, sweep_config_from_args, validate
-    from resnet_dist.console import console, print_eval_report
+    from cluster.sweep import run_sweep
+    from cluster.sweep_config import validate
+    from termui.console import console, print_eval_report
+    from termui.sweep_args import add_sweep_args, sweep_config_from_args
 
     p = job_parser(__doc__, ray=True)
     add_sweep_args(p)
@@ -29,13 +32,16 @@ def main(argv=None) -> None:
         validate(cfg)
     except (ConfigError, DataError) as e:
         die(str(e))
-    summary = run_sweep(cfg, console)
+    try:
+        summary = run_sweep(cfg, console)
+    except (ConfigError, DataError, CheckpointError) as e:   # e.g. an unreadable --finetune-data folder
+        die(str(e))
     print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")
     print_eval_report(summary["after"], "test, after fine-tuning")
     console.print(f"{summary['stopped_early']} of {len(summary['trials'])} trials stopped early by ASHA; "
                   f"report: {summary['report']} ({summary['seconds']:.0f} s)", soft_wrap=True)
     if cfg.serve:
-        from cluster.sweep import serve_and_probe
+        from cluster.probe import serve_and_probe
 
         serve_and_probe(cfg, console)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from cluster.tracking import check_mlflow_uri
-from resnet_dist.cli import add_config_args, config_from_args, die, job_parser
+from termui.cli import add_config_args, config_from_args, die, job_parser
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
 from resnet_dist.data import DataError, read_manifest
 
@@ -41,29 +42,35 @@ def main(argv=None) -> None:
         check_mlflow_uri(args.mlflow_uri)
     except (ConfigError, DataError) as e:
         die(str(e))
-    run_dir = args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.local:
-        run_local(cfg, run_dir, args.threads, args.mlflow_uri)
-    else:
-        from cluster.runtime import set_verbose
-        from cluster.train import run_distributed
+    # Absolute once, here: Ray Train's controller and workers run in other directories.
+    cfg = cfg.replace(data={"data_dir": str(Path(cfg.data.data_dir).resolve())})
+    run_dir = str(Path(args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
+    try:
+        if args.local:
+            summary = run_local(cfg, run_dir, args.threads, args.mlflow_uri)
+        else:
+            from cluster.runtime import set_verbose
+            from cluster.train import run_distributed
 
-        set_verbose(args.verbose)
-        try:
-            run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker, args.max_failures,
-                            args.data_path, args.mlflow_uri)
-        except ConfigError as e:
-            die(str(e))
+            set_verbose(args.verbose)
+            summary = run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker,
+                                      args.max_failures, args.data_path, args.mlflow_uri)
+    except ConfigError as e:
+        die(str(e))
+    from termui.console import console, print_eval_report
+
+    print_eval_report(summary["test"], "test (best val checkpoint)")
+    console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
 
 
-def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None) -> None:
-    from pathlib import Path
-
+def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None) -> dict:
     import torch
 
     from cluster.tracking import TRAIN_EXPERIMENT, TrackingConfig, log_artifacts, run_tracked
-    from resnet_dist.console import RichHooks, console, print_eval_report
-    from resnet_dist.training import BEST_CHECKPOINT, fit_local
+    from resnet_dist.checkpoint import BEST_CHECKPOINT
+    from resnet_dist.local import fit_local
+    from resnet_dist.training import Sinks
+    from termui.console import RichProgress, console
 
     if threads:
         torch.set_num_threads(threads)
@@ -71,11 +78,11 @@ def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None
                   f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
     out = Path(run_dir).resolve()
     tracking = TrackingConfig.for_dir(out, TRAIN_EXPERIMENT, out.name, mlflow_uri)
-    summary = run_tracked(tracking, {"config": cfg.to_dict()}, RichHooks(), lambda hooks: fit_local(cfg, run_dir, hooks),
-                          lambda s: {"test_acc": s["test"]["accuracy"]})
+    summary = run_tracked(tracking, {"config": cfg.to_dict()},
+                          lambda sink: fit_local(cfg, out, Sinks(RichProgress(), sink)),
+                          lambda s: {"test_acc": s["test"]["accuracy"]}, per_epoch=not cfg.train.report_every_images)
     log_artifacts(tracking, out.name, [out / BEST_CHECKPOINT, out / "metrics.json"])
-    print_eval_report(summary["test"], "test (best val checkpoint)")
-    console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -25,6 +25,15 @@ from resnet_dist.models import ResNet, build_model
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"   # file name inside a checkpoint directory
+# The files of a run or sweep directory (resnet_dist.outputs has the layout).
+LAST_CHECKPOINT = "last.pt"           # the latest epoch of a run
+BEST_CHECKPOINT = "best.pt"           # a run's best validation epoch; a sweep's selected trial
+FINETUNED_CHECKPOINT = "finetuned.pt" # fine-tuning's result: what serving loads
+PROBE_CHECKPOINT = "probe.pt"         # the linear probe fine-tuning started from (other classes)
+# What a directory means, in order: for serving, its fine-tuned model first; as the source
+# of fine-tuning, the selected (not the fine-tuned) model first.
+SERVING_ORDER = (FINETUNED_CHECKPOINT, CHECKPOINT_FILE, BEST_CHECKPOINT)
+SOURCE_ORDER = (BEST_CHECKPOINT, CHECKPOINT_FILE, FINETUNED_CHECKPOINT)
 
 
 class CheckpointError(ValueError):
@@ -144,19 +153,24 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint file or a directory holding `checkpoint.pt`."""
+def resolve_checkpoint(path: str | os.PathLike, order: Sequence[str] = SERVING_ORDER) -> Path:
+    """The checkpoint file meant by `path`, the one resolver of the project: a file, or in a
+    directory (a run, a sweep, a fine-tuning output, a Ray checkpoint) the first of `order`
+    that is there."""
     p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_FILE
-    if not p.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    return p
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: no such file or directory")
+    for name in order:
+        if (p / name).is_file():
+            return p / name
+    raise CheckpointError(f"no checkpoint in {path}: looked for {', '.join(order)}")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict safely (`weights_only=True`); CheckpointError if unusable."""
-    p = resolve_path(path)
+    p = resolve_checkpoint(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickle error, foreign object...

@@ -1,10 +1,11 @@
 """Fine-tuning a trained checkpoint on a (possibly different) data set.
 
-Pure PyTorch. `prepare_finetune` and `set_train_mode` are what
-a Ray Train worker loop needs; `finetune_local` runs the whole job in one
-process, with the engine's `train_epoch`/`evaluate` like `fit_local`.
+Pure PyTorch, and the same for the local and the Ray path: `plan_finetune` decides where a
+run starts, what "before" is and the RunSpec it trains (resnet_dist.spec); the one training
+loop runs it (resnet_dist.training, here or on Ray Train workers); `finish_finetune` writes
+the same files for both (resnet_dist.outputs).
 
-Modes (`FinetuneConfig.mode`):
+Modes (`FinetuneConfig.mode`, in resnet_dist.config):
   * "head": only the classifier trains; the backbone, BN running statistics
     included, stays exactly as in the checkpoint.
   * "last-stage": the last stage and the head train; stem and earlier stages
@@ -12,7 +13,7 @@ Modes (`FinetuneConfig.mode`):
   * "full": every layer trains.
 Every pretrained layer that trains runs at `backbone_lr_scale` x lr (the last
 stage in "last-stage" too: it holds pretrained weights like any other backbone
-layer); the head runs at 1 x lr.
+layer); the head runs at 1 x lr. The parts come from `ResNet.parameter_groups`.
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from resnet_dist.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, unwrap
-from resnet_dist.config import ConfigError, ModelConfig, RunConfig, section_from_dict
-from resnet_dist.data import ensure_prepared, read_manifest, read_split
-from resnet_dist.engine import EvalResult, evaluate, select_device
+from resnet_dist.checkpoint import (
+    FINETUNED_CHECKPOINT, PROBE_CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint,
+)
+from resnet_dist.config import FinetuneConfig, ModelConfig, RunConfig, section_from_dict
+from resnet_dist.data import read_manifest, read_split
+from resnet_dist.engine import EvalResult, select_device
 from resnet_dist.loader import ArrayLoader
 from resnet_dist.metrics import accuracy, classification_report, confusion_matrix
 from resnet_dist.models import ResNet
-from resnet_dist.training import (
-    BEST_CHECKPOINT, TrainingHooks, build_training, evaluate_checkpoint, load_loaders, run_epochs, write_json,
-)
+from resnet_dist.outputs import evaluate_checkpoint, wrap_up
+from resnet_dist.spec import RunSpec
 
-FINETUNE_MODES = ("head", "full", "last-stage")
-HEAD_PREFIX = "fc."                 # parameter names of ResNet's classifier
 SUMMARY_FILE = "finetune.json"
 # Defaults sized to the data (auto_schedule). A small set at a large-data batch is a handful of
 # steps an epoch: 1,260 images at batch 128 for 3 epochs are 30 optimizer steps, too few to
@@ -48,42 +48,18 @@ SUMMARY_FILE = "finetune.json"
 MIN_STEPS = 300
 MIN_BATCH = 16
 STEPS_PER_EPOCH = 20
-# Fine-tuning on a user's own data (other classes), jobs/finetune.py's defaults and the sweep's
-# with --finetune-data: every layer, the head from the linear probe, SGD at 0.1, the backbone at
-# half that; epochs and batch from the data's size. On a 10-class folder of 1,500 made-up images
-# from a ResNet-20 CIFAR-10 checkpoint (bench/finetune_small.py, README): 99.7% test against
-# 99.2% at lr 0.2, 98.3% with the backbone at the full rate, 95.6% from a random head, 54.2%
-# with the backbone at 0.1x, 25.0% head only (the probe: 24.7%).
-OWN_DATA_DEFAULTS = {"mode": "full", "optimizer": "sgd", "lr": 0.1, "backbone_lr_scale": 0.5}
 # Weight decays the linear probe tries (on its val split), L2 on the weights of a mean-CE fit.
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    mode: str = "head"              # "head" | "full" | "last-stage": which layers train (module docstring)
-    reset_head: bool = True         # a new random head; forced when the class count differs
-    backbone_lr_scale: float = 0.1  # lr multiplier of the pretrained layers that train; the head gets 1.0
-    # Data with other classes: the new head starts from the linear probe fitted on the frozen
-    # backbone (LP-FT, Kumar et al. 2022), not from random weights, so the first steps of full
-    # fine-tuning do not wreck the pretrained features with a random head's gradients.
-    probe_init: bool = True
-
-    def validate(self) -> "FinetuneConfig":
-        if self.mode not in FINETUNE_MODES:
-            raise ConfigError(f"finetune.mode must be {'|'.join(FINETUNE_MODES)}, got {self.mode!r}")
-        if not self.backbone_lr_scale > 0:   # written so that NaN fails too
-            raise ConfigError(f"finetune.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
-        return self
-
-
 def _trainable_prefixes(model: ResNet, mode: str) -> tuple[str, ...]:
     """Name prefixes of the parameters that train in `mode` ("" matches every name)."""
+    groups = model.parameter_groups()
     if mode == "full":
         return ("",)
     if mode == "last-stage":
-        return (f"stages.{len(model.stages) - 1}.", HEAD_PREFIX)
-    return (HEAD_PREFIX,)
+        return (*groups["last_stage"], *groups["head"])
+    return groups["head"]
 
 
 def prepare_finetune(
@@ -106,9 +82,10 @@ def prepare_finetune(
     trainable = _trainable_prefixes(model, ft.mode)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(trainable))
+    head = model.parameter_groups()["head"]
 
     def lr_scale(name: str) -> float:
-        return 1.0 if name.startswith(HEAD_PREFIX) else ft.backbone_lr_scale
+        return 1.0 if name.startswith(head) else ft.backbone_lr_scale
 
     return model, dataclasses.replace(source_cfg, num_classes=num_classes), lr_scale
 
@@ -126,79 +103,6 @@ def set_train_mode(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
             m.eval()
-
-
-def finetune_local(
-    ckpt_path: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    cfg: RunConfig,
-    ft: FinetuneConfig,
-    hooks: TrainingHooks | None = None,
-) -> dict[str, Any]:
-    """Fine-tune the checkpoint at `ckpt_path` on the prepared data set `data_dir`, in this process.
-
-    The architecture comes from the checkpoint (`cfg.model` is replaced by it)
-    and the data from `data_dir` (`cfg.data` supplies subset and augmentation);
-    optimizer, schedule and epochs come from `cfg`. Test accuracy is measured
-    before (`finetune_start`: the source checkpoint, or for other classes the
-    linear probe) and after, on the same test split. Writes `best.pt` (best
-    validation epoch; a regular checkpoint for the new classes) and
-    `finetune.json` into `run_dir`; returns what `finetune.json` holds.
-    """
-    hooks = hooks or TrainingHooks()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    source = load_checkpoint(ckpt_path)
-    manifest = read_manifest(data_dir)
-    classes = manifest["classes"]
-    device = select_device()
-    start, ft, before, before_kind = finetune_start(source, data_dir, ft, device)
-    torch.manual_seed(cfg.train.seed)   # before prepare_finetune: it may draw a new head
-    model, model_cfg, lr_scale = prepare_finetune(start, len(classes), ft)
-    cfg = cfg.replace(model=dataclasses.asdict(model_cfg), data={"data_dir": str(data_dir)})
-    # The backbone learnt on inputs normalised with the source data's statistics (and
-    # frozen BN layers keep them), so the new data is normalised the same way.
-    mean, std = source["mean"], source["std"]
-
-    train_loader, val_loader, test_loader = load_loaders(cfg, mean, std, device)
-    state = build_training(cfg, model_cfg, len(train_loader), device, model=model, lr_scale=lr_scale)
-
-    def evaluate_on(loader: ArrayLoader) -> EvalResult:
-        return evaluate(state.model, loader, len(classes), device, state.precision, cfg.train.eval_flip_tta)
-
-    info = {
-        "mode": ft.mode,
-        "before": before_kind,
-        "reset_head": ft.reset_head,
-        "backbone_lr_scale": ft.backbone_lr_scale,
-        "source_checkpoint": str(ckpt_path),
-        "source_code_version": source["code_version"],
-        "source_data_fingerprint": source["data_fingerprint"],
-        "source_classes": source["classes"],
-    }
-    history: list[dict[str, float]] = []
-
-    def checkpoint(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-        return build_checkpoint(
-            state.model, model_config=model_cfg, run_config=cfg.to_dict(), classes=classes, mean=mean, std=std,
-            data_fingerprint=manifest["fingerprint"], epoch=epoch, metrics=record,
-            extra={"finetune": info, "history": history},
-        )
-
-    run_epochs(state, cfg, train_loader, val_loader, len(classes), run_dir, checkpoint, history, hooks=hooks,
-               train_mode=set_train_mode)
-    unwrap(state.model).load_state_dict(load_checkpoint(run_dir / BEST_CHECKPOINT)["model_state"])
-    after = evaluate_on(test_loader)
-    summary = {
-        "before": classification_report(before.confusion, classes),
-        "before_kind": before_kind,
-        "after": classification_report(after.confusion, classes),
-        "config": {"run": cfg.to_dict(), "finetune": info},
-        "history": history,
-    }
-    write_json(run_dir / SUMMARY_FILE, summary)
-    return summary
 
 
 def auto_schedule(n_train: int, source_batch: int, epochs: int = 0, batch_size: int = 0,
@@ -316,16 +220,62 @@ def finetune_run_config(source_run_config: dict[str, Any], *, epochs: int, lr: f
         train={"epochs": epochs, **({"batch_size": batch_size} if batch_size else {})})
 
 
-def finetune_job_local(src: dict[str, Any], source: Path, data: Path, out: Path, ft: FinetuneConfig, *,
-                       epochs: int, lr: float, optimizer: str = "sgd", subset: int = 0,
-                       batch_size: int = 0, hooks: TrainingHooks | None = None) -> dict[str, Any]:
-    """jobs/finetune.py --local: `data` is prepared Parquet or a raw image folder/archive
-    (prepared into out/finetune-data first); results land in out/finetuned/ (best.pt, finetune.json).
-    `epochs` or `batch_size` 0: sized to the data (auto_schedule)."""
-    data = ensure_prepared(data, out / "finetune-data")
-    n_train = read_manifest(data)["counts"]["train"]
-    epochs, batch_size = auto_schedule(min(n_train, subset or n_train),
-                                       RunConfig.from_dict(src["run_config"]).train.batch_size, epochs, batch_size)
-    cfg = finetune_run_config(src["run_config"], epochs=epochs, lr=lr, optimizer=optimizer, subset=subset,
-                              batch_size=batch_size)
-    return finetune_local(source, data, out / "finetuned", cfg, ft, hooks)
+@dataclass(frozen=True)
+class FinetunePlan:
+    """A fine-tuning run decided: what it trains (`spec`) and what "before" was."""
+
+    spec: RunSpec
+    before: EvalResult
+    before_kind: str                  # "source checkpoint" | "linear probe"
+    source: str                       # the source checkpoint's path
+    info: dict[str, Any]              # provenance, kept in every checkpoint and in finetune.json
+
+
+def plan_finetune(source_path: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  ft: FinetuneConfig, workers: int = 1, device: torch.device | None = None) -> FinetunePlan:
+    """Fine-tuning of the checkpoint at `source_path` on the prepared data `data_dir`, the same
+    for the local and the Ray path.
+
+    "Before" and the start come from `finetune_start` (for other classes the linear probe,
+    saved as out_dir/probe.pt, is where training starts). On the data the source was selected
+    on (same fingerprint) training uses train + val, as model selection is done; a user's data
+    keeps val held out. Epochs and batch come from `ft`, 0 meaning sized to the data
+    (`auto_schedule`); the global batch is rounded to a multiple of `workers`. The inputs are
+    normalised with the source's statistics: the backbone learnt on those, and frozen BN layers
+    keep them."""
+    ft.validate()
+    source_path = Path(source_path)
+    source = load_checkpoint(source_path)
+    manifest = read_manifest(data_dir)
+    start, ft, before, before_kind = finetune_start(source, data_dir, ft, device)
+    init = source_path
+    if start is not source:
+        init = save_checkpoint(start, Path(out_dir) / PROBE_CHECKPOINT)
+    splits = ("train", "val") if manifest["fingerprint"] == source["data_fingerprint"] else ("train",)
+    n_train = sum(manifest["counts"][s] for s in splits)
+    epochs, batch = auto_schedule(min(n_train, ft.subset or n_train),
+                                  RunConfig.from_dict(source["run_config"]).train.batch_size, ft.epochs, ft.batch_size)
+    batch = max(workers, batch - batch % workers)   # each worker gets batch / workers
+    run = finetune_run_config(source["run_config"], epochs=epochs, lr=ft.lr, optimizer=ft.optimizer,
+                              subset=ft.subset, batch_size=batch).replace(
+        data={"data_dir": str(Path(data_dir).resolve())},
+        model={**source["model_config"], "num_classes": len(manifest["classes"])})
+    info = {"mode": ft.mode, "before": before_kind, "reset_head": ft.reset_head,
+            "backbone_lr_scale": ft.backbone_lr_scale, "lr": ft.lr, "optimizer": ft.optimizer,
+            "source_checkpoint": str(source_path), "source_code_version": source["code_version"],
+            "source_data_fingerprint": source["data_fingerprint"], "source_classes": source["classes"],
+            "train_splits": list(splits)}
+    spec = RunSpec.from_manifest(run, manifest, mean=source["mean"], std=source["std"], train_splits=splits,
+                                 init_checkpoint=str(init), finetune=ft, extra={"finetune": info})
+    return FinetunePlan(spec, before, before_kind, str(source_path), info)
+
+
+def finish_finetune(out_dir: str | os.PathLike, plan: FinetunePlan, tuned: dict[str, Any],
+                    history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The end of fine-tuning, both paths: `tuned` (the run's last checkpoint when it trained on
+    val, else its best on val) evaluated on the test split and saved as out_dir/finetuned.pt,
+    what serving loads; out_dir/finetune.json holds before and after. Returns that summary."""
+    return wrap_up(out_dir, tuned, history, plan.spec.run.data.data_dir, checkpoint_name=FINETUNED_CHECKPOINT,
+                   summary_name=SUMMARY_FILE, test_key="after",
+                   extra={"before": classification_report(plan.before.confusion, list(plan.spec.classes)),
+                          "before_kind": plan.before_kind, "finetune": plan.info})

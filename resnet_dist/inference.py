@@ -32,19 +32,16 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from resnet_dist.augment import normalize
-from resnet_dist.checkpoint import CHECKPOINT_FILE, CheckpointError, load_model
+from resnet_dist.checkpoint import SERVING_ORDER, CheckpointError, load_model
+from resnet_dist.checkpoint import resolve_checkpoint as _resolve
 from resnet_dist.config import RunConfig
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.engine import Precision, predict_logits, select_device, select_precision
-from resnet_dist.training import BEST_CHECKPOINT
 
 FLIP_TTA = False                         # serving does one forward pass per image
 IMAGE_FORMATS = ("PNG", "JPEG")          # what PIL may open; everything else is refused
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096   # declared width*height above this is refused (16.8 MP)
 
-# Where a sweep directory keeps its fine-tuned model, in the order looked for:
-# the fine-tuning run's directory (its best.pt) or a single checkpoint file.
-SWEEP_FINETUNED = ("finetuned/" + BEST_CHECKPOINT, "finetuned.pt")
 
 
 class InputError(ValueError):
@@ -211,16 +208,7 @@ def predict_top_k(p: Predictor, images: np.ndarray, k: int, flip_tta: bool = FLI
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file meant by `path`: a file; a sweep or fine-tuning directory (its
-    fine-tuned model, finetuned/best.pt or finetuned.pt, before the selected trial's best.pt
-    beside it); a directory with checkpoint.pt; or a run directory with best.pt."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: no such file or directory")
-    candidates = (*SWEEP_FINETUNED, CHECKPOINT_FILE, BEST_CHECKPOINT)
-    for name in candidates:
-        if (p / name).is_file():
-            return p / name
-    raise CheckpointError(f"no checkpoint in {path}: looked for {', '.join(candidates)}")
+    """The checkpoint serving loads from `path`: a file; in a sweep or fine-tuning directory its
+    fine-tuned model (finetuned.pt) before the selected trial's best.pt; a directory with
+    checkpoint.pt; or a run directory's best.pt (resnet_dist.checkpoint.SERVING_ORDER)."""
+    return _resolve(path, SERVING_ORDER)

@@ -6,18 +6,18 @@ no training, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from resnet_dist.config import ConfigError, ModelConfig
+from resnet_dist.config import ConfigError, ModelConfig, check_model_flavor
+from resnet_dist.flavors import FLAVORS
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs (He et al. 2016); output channels = `width`."""
 
     expansion = 1
+    last_bn = "bn2"    # the BN closing the residual branch (zero-init residual)
 
     def __init__(self, in_ch: int, width: int, stride: int) -> None:
         super().__init__()
@@ -32,15 +32,12 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return torch.relu(out + self.shortcut(x))
 
-    @property
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
-
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand; output channels = 4 * `width`."""
 
     expansion = 4
+    last_bn = "bn3"
 
     def __init__(self, in_ch: int, width: int, stride: int) -> None:
         super().__init__()
@@ -58,10 +55,6 @@ class Bottleneck(nn.Module):
         out = torch.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return torch.relu(out + self.shortcut(x))
-
-    @property
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -143,7 +136,7 @@ class ResNet(nn.Module):
             # Each residual branch starts as zero, so every block starts as the identity.
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(m.last_bn.weight)
+                    nn.init.zeros_(getattr(m, m.last_bn).weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone: images (N, 3, H, W) -> pooled features (N, num_features)."""
@@ -157,55 +150,20 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def parameter_groups(self) -> dict[str, tuple[str, ...]]:
+        """Parameter-name prefixes of the model's parts, timm's `group_matcher` idea: "head"
+        (the classifier), "last_stage", and "backbone" (everything before the head). Fine-tuning
+        picks what trains and at which rate from these, not from names typed elsewhere."""
+        return {"head": ("fc.",), "last_stage": (f"stages.{len(self.stages) - 1}.",), "backbone": ("stem.", "stages.")}
+
     def reset_head(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for `num_classes`."""
         self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
 
 
-@dataclass(frozen=True)
-class Flavor:
-    block: str
-    layers: tuple[int, ...]
-    widths: tuple[int, ...]
-    stem_width: int
-    stem: str = "cifar"
-    conv_pool: bool = False     # stages open with conv + max-pool (see ResNet)
-    pool: str = "avg"           # global pooling before the head
-
-
-def _cifar(n: int) -> Flavor:
-    """He et al. CIFAR ResNet of depth 6n+2: 3 stages at 16/32/64 channels."""
-    return Flavor("basic", (n, n, n), (16, 32, 64), 16)
-
-
-def _wrn(depth: int, k: int) -> Flavor:
-    """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis), post-activation blocks."""
-    n = (depth - 4) // 6
-    return Flavor("basic", (n, n, n), (16 * k, 32 * k, 64 * k), 16)
-
-
-FLAVORS: dict[str, Flavor] = {
-    "debug": Flavor("basic", (1, 1), (8, 16), 8),
-    "resnet20": _cifar(3),
-    "resnet32": _cifar(5),
-    "resnet44": _cifar(7),
-    "resnet56": _cifar(9),
-    "resnet110": _cifar(18),
-    # Myrtle's ResNet-9 (Page 2018, DAWNBench): 64-128-256-512 channels, a residual block
-    # after the first and last pooling stages; the GPU 94% preset (config.TRAIN_PRESETS["gpu94"]).
-    "resnet9": Flavor("basic", (1, 0, 1), (128, 256, 512), 64, conv_pool=True, pool="max"),
-    "resnet18": Flavor("basic", (2, 2, 2, 2), (64, 128, 256, 512), 64),
-    "resnet34": Flavor("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64),
-    "resnet50": Flavor("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64),
-    "wrn16_4": _wrn(16, 4),
-    "wrn28_10": _wrn(28, 10),
-}
-
-
 def build_model(cfg: ModelConfig) -> ResNet:
     """Build the network a `ModelConfig` describes (flavor plus overrides)."""
-    if cfg.flavor not in FLAVORS:
-        raise ConfigError(f"unknown model flavor {cfg.flavor!r}; choose from {', '.join(FLAVORS)}")
+    check_model_flavor(cfg.flavor)
     f = FLAVORS[cfg.flavor]
 
     def scale(c: int) -> int:

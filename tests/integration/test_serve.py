@@ -23,7 +23,7 @@ from resnet_dist.config import RunConfig
 from resnet_dist.data import read_split
 from resnet_dist.engine import Precision, predict_logits
 from resnet_dist.inference import checkpoint_id, resolve_checkpoint
-from resnet_dist.training import fit_local
+from resnet_dist.local import fit_local
 from tests.integration.conftest import free_port, missing_dashboard_series, scraped_names
 from tests.unit.test_serve_inputs import png_header_only
 

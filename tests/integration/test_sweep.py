@@ -240,7 +240,7 @@ def test_finetune_job_in_head_mode_on_ray_train_trains_only_the_head(sweep, ray_
     # The frozen backbone, BN running statistics included, is bit-for-bit the selected checkpoint's.
     assert all(torch.equal(before[k], after[k]) for k in after if k not in head)
     summary = json.loads((out / "finetune.json").read_text())
-    assert summary["mode"] == "head" and 0 <= summary["after"]["accuracy"] <= 1
+    assert summary["finetune"]["mode"] == "head" and 0 <= summary["after"]["accuracy"] <= 1
     assert list((out / "tensorboard" / "finetune").glob("events.out.tfevents.*"))
     assert len(summary["before"]["confusion_matrix"]) == len(summary["after"]["confusion_matrix"]) == 10
 

@@ -18,7 +18,7 @@ import pytest
 from resnet_dist.checkpoint import load_checkpoint
 from resnet_dist.config import RunConfig
 from resnet_dist.engine import lr_factor
-from resnet_dist.training import evaluate_checkpoint
+from resnet_dist.outputs import evaluate_checkpoint
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -80,7 +80,7 @@ def test_checkpoints_and_json_get_the_umask_mode_and_json_has_no_nan(tmp_path):
     import os
 
     from resnet_dist.checkpoint import default_file_mode
-    from resnet_dist.training import write_json
+    from resnet_dist.outputs import write_json
 
     old = os.umask(0o022)
     try:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from resnet_dist.cli import add_config_args, config_from_args
+from termui.cli import add_config_args, config_from_args
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
 
 

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from resnet_dist.checkpoint import load_checkpoint, load_model
-from resnet_dist.config import ConfigError, RunConfig
+from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
 from resnet_dist.data import prepare_dataset
 from resnet_dist.engine import build_optimizer
-from resnet_dist.finetune import FinetuneConfig, finetune_local, prepare_finetune, set_train_mode
-from resnet_dist.training import fit_local
+from resnet_dist.finetune import prepare_finetune, set_train_mode
+from resnet_dist.local import finetune_local, fit_local
 
 
 def tiny_cfg(data_dir, batch_size=32):
@@ -20,6 +20,11 @@ def tiny_cfg(data_dir, batch_size=32):
         optim={"lr": 0.05, "warmup_epochs": 0.5},
         train={"epochs": 1, "batch_size": batch_size, "eval_batch_size": 64, "eval_flip_tta": False},
     )
+
+
+def tiny_ft(batch_size=32, **kw):
+    """Fine-tuning at tiny_cfg's scale: one epoch of 64 images."""
+    return FinetuneConfig(**{"epochs": 1, "subset": 64, "batch_size": batch_size, "lr": 0.05, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +70,8 @@ def test_head_mode_keeps_backbone_and_bn_stats_bit_identical(source_path, tiny_d
     assert trainable(model) == {"fc.weight", "fc.bias"} and model_cfg.num_classes == 10
 
     # reset_head=False: the head starts from the source weights, so any change is training's.
-    ft = FinetuneConfig(mode="head", reset_head=False)
-    summary = finetune_local(source_path, tiny_data_dir, tmp_path, tiny_cfg(tiny_data_dir), ft)
-    tuned = load_checkpoint(tmp_path / "best.pt")["model_state"]
+    summary = finetune_local(source_path, tiny_data_dir, tmp_path, tiny_ft(mode="head", reset_head=False))
+    tuned = load_checkpoint(tmp_path / "finetuned.pt")["model_state"]
     before, after = source["model_state"], tuned
     backbone = [k for k in before if not k.startswith("fc.")]
     assert any("running_mean" in k for k in backbone) and any("num_batches_tracked" in k for k in backbone)
@@ -76,7 +80,9 @@ def test_head_mode_keeps_backbone_and_bn_stats_bit_identical(source_path, tiny_d
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
     assert_same_test_set(summary, 60)
     assert json.loads((tmp_path / "finetune.json").read_text()) == summary
-    assert summary["config"]["finetune"]["mode"] == "head" and len(summary["history"]) == 1
+    assert summary["finetune"]["mode"] == "head" and len(summary["history"]) == 1
+    # Same data as the source (model selection is done): train + val, and the last epoch delivered.
+    assert summary["finetune"]["train_splits"] == ["train", "val"]
 
 
 def test_full_mode_trains_everything_with_a_slower_backbone(source_path):
@@ -104,8 +110,8 @@ def test_last_stage_mode_trains_only_the_last_stage_and_head(source_path, tiny_d
     assert not model.stem[1].training and not model.stages[0][0].bn1.training
     assert model.stages[-1][0].bn1.training
 
-    finetune_local(source_path, tiny_data_dir, tmp_path, tiny_cfg(tiny_data_dir), FinetuneConfig(mode="last-stage"))
-    tuned = load_checkpoint(tmp_path / "best.pt")["model_state"]
+    finetune_local(source_path, tiny_data_dir, tmp_path, tiny_ft(mode="last-stage"))
+    tuned = load_checkpoint(tmp_path / "finetuned.pt")["model_state"]
     for k, v in source["model_state"].items():
         if not k.startswith((last, "fc.")):
             assert torch.equal(v, tuned[k]), k
@@ -118,9 +124,8 @@ def test_new_class_count_resizes_head_and_checkpoint_reloads(source_path, three_
     model, model_cfg, _ = prepare_finetune(source, 3, FinetuneConfig(reset_head=False))
     assert model.fc.out_features == 3 and model_cfg.num_classes == 3
 
-    summary = finetune_local(source_path, three_class_dir, tmp_path, tiny_cfg(three_class_dir, batch_size=16),
-                             FinetuneConfig(mode="full"))
-    tuned, ckpt = load_model(tmp_path / "best.pt")
+    summary = finetune_local(source_path, three_class_dir, tmp_path, tiny_ft(batch_size=16, mode="full"))
+    tuned, ckpt = load_model(tmp_path / "finetuned.pt")
     assert tuned(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     assert ckpt["classes"] == ["cat", "fox", "owl"] and ckpt["model_config"]["num_classes"] == 3
     assert ckpt["mean"] == source["mean"]   # inputs normalised as the backbone was trained
@@ -133,7 +138,9 @@ def test_new_class_count_resizes_head_and_checkpoint_reloads(source_path, three_
 
 
 @pytest.mark.parametrize("kwargs, field", [({"mode": "all"}, "finetune.mode"),
-                                           ({"backbone_lr_scale": 0.0}, "backbone_lr_scale")])
+                                           ({"backbone_lr_scale": 0.0}, "finetune.backbone_lr_scale"),
+                                           ({"backbone_lr_scale": float("nan")}, "finetune.backbone_lr_scale"),
+                                           ({"lr": 0.0}, "finetune.lr"), ({"epochs": -1}, "finetune.epochs")])
 def test_bad_finetune_config_is_a_one_line_config_error(kwargs, field):
     with pytest.raises(ConfigError, match=field) as err:
         FinetuneConfig(**kwargs).validate()
@@ -166,7 +173,8 @@ def test_finetune_job_local_on_an_image_folder_writes_a_servable_checkpoint(sour
     assert tuned["classes"] == ["a", "b"] and tuned["model_config"]["num_classes"] == 2
     optim = tuned["run_config"]["optim"]
     assert (optim["optimizer"], optim["lr"]) == ("adamw", 0.003)   # fine-tuning's own, not the source's
-    summary = json.loads((out / "finetuned" / "finetune.json").read_text())
+    assert resolve_checkpoint(out) == out / "finetuned.pt"   # the same layout as the Ray path
+    summary = json.loads((out / "finetune.json").read_text())
     assert sum(map(sum, summary["after"]["confusion_matrix"])) == 6
     assert "after fine-tuning" in capsys.readouterr().out
 
@@ -174,8 +182,8 @@ def test_finetune_job_local_on_an_image_folder_writes_a_servable_checkpoint(sour
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such.pt"], "no checkpoint at /no/such.pt"),
     (["--data", "/no/such/data"], "fine-tuning data /no/such/data does not exist"),
-    (["--epochs", "-1"], "--epochs, --subset and --batch-size must be >= 0"),
-    (["--backbone-lr-scale", "0"], "backbone_lr_scale must be > 0"),
+    (["--epochs", "-1"], "finetune.epochs, finetune.subset and finetune.batch_size must be >= 0"),
+    (["--backbone-lr-scale", "0"], "finetune.backbone_lr_scale must be > 0"),
 ])
 def test_finetune_job_bad_options_are_one_line_and_write_nothing(args, message, source_path, tiny_data_dir,
                                                                   tmp_path, capsys):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from finetune_small import CLASSES, make_shapes_folder  # noqa: E402
 
 from resnet_dist.config import RunConfig  # noqa: E402
-from resnet_dist.training import fit_local  # noqa: E402
+from resnet_dist.local import fit_local  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,14 @@ def test_default_finetuning_beats_the_linear_probe_on_a_small_folder(small_sourc
     out = tmp_path / "out"
     main(["--local", "--checkpoint", str(small_source), "--data", str(folder), "--out", str(out),
           "--mlflow-uri", "off"])
-    summary = json.loads((out / "finetuned" / "finetune.json").read_text())
+    summary = json.loads((out / "finetune.json").read_text())
     before, after = summary["before"]["accuracy"], summary["after"]["accuracy"]
     assert summary["before_kind"] == "linear probe" and summary["before"]["classes"] == sorted(CLASSES)
     # Sized to the data: 1,350 train images (10% held out as val) at batch 64 = 21 steps an epoch,
     # 15 epochs for >= 300 steps; the probe's head is where training starts (LP-FT).
-    train = summary["config"]["run"]["train"]
+    train = summary["config"]["train"]
     assert (train["batch_size"], train["epochs"], len(summary["history"])) == (64, 15, 15)
-    assert summary["config"]["finetune"]["reset_head"] is False
+    assert summary["finetune"]["reset_head"] is False
     # The tiny debug net (8/16 channels) measured 17.0% -> 66.5% here; ResNet-20 from a CIFAR-10
     # checkpoint, 24.7% -> 99.7% (README, bench/finetune_small.py).
     assert after >= 0.55 and after >= before + 0.3, (before, after)

@@ -528,12 +528,12 @@ def parse_command(tokens: list[str], monkeypatch) -> list[tuple[str, Any]]:
         with contextlib.redirect_stderr(err):
             if script == "jobs/sweep.py":
                 # The job's real main(): parse, build the SweepConfig, and stop before validate() reads data.
-                import cluster.sweep
+                import cluster.sweep_config
 
                 def stop(cfg):
                     raise _Parsed(cfg)
 
-                monkeypatch.setattr(cluster.sweep, "validate", stop)
+                monkeypatch.setattr(cluster.sweep_config, "validate", stop)
                 with pytest.raises(_Parsed) as parsed:
                     load_module(script).main(argv)
                 return [(script, parsed.value.args[0])]
@@ -604,7 +604,7 @@ def _group_shape(spec: dict[str, Any]) -> tuple[int, float, int]:
 
 
 def _check_sweep_fits(cfg, spec: dict[str, Any], wait_args) -> None:
-    from cluster.tune import plan_resources
+    from cluster.resources import plan_resources
 
     max_pods, pod_cpus, pod_gpus = _group_shape(spec)
     head_cpus = quantity(spec["headGroupSpec"]["rayStartParams"].get(

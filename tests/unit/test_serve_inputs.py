@@ -16,7 +16,7 @@ from PIL import Image
 
 from resnet_dist.checkpoint import CheckpointError
 from resnet_dist.inference import (
-    InputError, SWEEP_FINETUNED, decode_batch_json, decode_image, media_type, multipart_file, resolve_checkpoint,
+    InputError, decode_batch_json, decode_image, media_type, multipart_file, resolve_checkpoint,
     top_k,
 )
 
@@ -146,16 +146,18 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     assert resolve_checkpoint(f) == f
     assert resolve_checkpoint(touch("ckdir/checkpoint.pt").parent) == tmp_path / "ckdir/checkpoint.pt"
     assert resolve_checkpoint(touch("run/best.pt").parent) == tmp_path / "run/best.pt"
-    for i, rel in enumerate(SWEEP_FINETUNED):   # finetuned/best.pt, finetuned.pt
-        touch(f"sweep{i}/{rel}")
-        assert resolve_checkpoint(tmp_path / f"sweep{i}") == tmp_path / f"sweep{i}" / rel
     # A sweep directory holds the selected trial's best.pt too: the fine-tuned model is what is served.
     touch("sweep/best.pt")
     assert resolve_checkpoint(touch("sweep/finetuned.pt").parent) == tmp_path / "sweep/finetuned.pt"
+    # As the source of fine-tuning, the same directory means its selected model.
+    from resnet_dist.checkpoint import SOURCE_ORDER
+    from resnet_dist.checkpoint import resolve_checkpoint as resolve_in_order
+
+    assert resolve_in_order(tmp_path / "sweep", SOURCE_ORDER) == tmp_path / "sweep/best.pt"
     with pytest.raises(CheckpointError, match="no such file"):
         resolve_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="looked for finetuned/best.pt, finetuned.pt, checkpoint.pt, best.pt"):
+    with pytest.raises(CheckpointError, match="looked for finetuned.pt, checkpoint.pt, best.pt"):
         resolve_checkpoint(tmp_path / "empty")
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tune import TRIAL_DRIVER_CPUS, AshaConfig, SearchSpace, plan_resources, trial_run_config
+from cluster.resources import TRIAL_DRIVER_CPUS, plan_resources
+from cluster.tune import AshaConfig, SearchSpace, trial_run_config
 from resnet_dist.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,8 +69,8 @@ def _sweep_main():
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
     (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
-    (["--finetune-epochs", "-1"], "--finetune-epochs, --finetune-subset and --finetune-batch-size must be >= 0"),
-    (["--finetune-backbone-lr-scale", "-1"], "backbone_lr_scale must be > 0"),
+    (["--finetune-epochs", "-1"], "finetune.epochs, finetune.subset and finetune.batch_size must be >= 0"),
+    (["--finetune-backbone-lr-scale", "-1"], "finetune.backbone_lr_scale must be > 0"),
     (["--finetune-optimizer", "lamb"], "invalid choice: 'lamb'"),
     (["--finetune-data", "/nonexistent/photos"], "fine-tuning data /nonexistent/photos does not exist"),
 ])
@@ -123,21 +124,22 @@ def test_asha_rungs_survive_a_restart_of_the_sweep_driver(tmp_path):
 def test_own_finetuning_data_gets_the_own_data_defaults_unless_options_say_otherwise(tmp_path):
     import argparse
 
-    from cluster.sweep import add_sweep_args, sweep_config_from_args
-    from resnet_dist.finetune import OWN_DATA_DEFAULTS
+    from resnet_dist.config import FinetuneConfig
+    from termui.sweep_args import add_sweep_args, sweep_config_from_args
 
     p = argparse.ArgumentParser()
     add_sweep_args(p)
-    cifar = sweep_config_from_args(p.parse_args(["--preset", "local"]))
-    assert (cifar.finetune_epochs, cifar.finetune_optimizer) == (2, "adamw")   # the preset's, for CIFAR-10
-    own = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path)]))
-    assert (own.finetune_epochs, own.finetune_batch_size) == (0, 0)   # sized to the data
-    assert (own.finetune_optimizer, own.finetune_lr) == (OWN_DATA_DEFAULTS["optimizer"], OWN_DATA_DEFAULTS["lr"])
-    assert (own.finetune.mode, own.finetune.backbone_lr_scale) == ("full", OWN_DATA_DEFAULTS["backbone_lr_scale"])
+    cifar = sweep_config_from_args(p.parse_args(["--preset", "local"])).finetune
+    assert (cifar.epochs, cifar.optimizer) == (2, "adamw")   # the preset's, for CIFAR-10
+    own = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path)])).finetune
+    defaults = FinetuneConfig()   # the measured own-data defaults
+    assert (own.epochs, own.batch_size) == (0, 0)   # sized to the data
+    assert (own.optimizer, own.lr, own.mode, own.backbone_lr_scale) == (
+        defaults.optimizer, defaults.lr, "full", defaults.backbone_lr_scale)
     typed = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path),
-                                                 "--finetune-epochs", "8", "--finetune-mode", "head"]))
-    assert (typed.finetune_epochs, typed.finetune.mode) == (8, "head")
-    assert own.finetune_data == str(tmp_path.resolve())
+                                                 "--finetune-epochs", "8", "--finetune-mode", "head"])).finetune
+    assert (typed.epochs, typed.mode) == (8, "head")
+    assert own.data == str(tmp_path.resolve())
 
 
 def test_a_sweep_killed_before_its_first_experiment_state_starts_afresh(tmp_path):

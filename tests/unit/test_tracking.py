@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-from cluster.tracking import TrackedHooks, Tracker, TrackingConfig, flatten, log_artifacts
+from cluster.tracking import Tracker, TrackerSink, TrackingConfig, flatten, log_artifacts
 
 
 def record(epoch: int, acc: float) -> dict:
@@ -75,20 +75,20 @@ def test_a_resumed_run_continues_the_same_mlflow_run_and_artifacts_attach(tmp_pa
 def test_mlflow_off_still_writes_tensorboard(tmp_path):
     cfg = TrackingConfig.for_dir(tmp_path, "exp", "r", mlflow_uri="off")
     assert cfg.mlflow_uri == ""
-    seen = []
-
-    class Inner:
-        def epoch_start(self, *a): seen.append("start")
-        def step(self, *a): seen.append("step")
-        def epoch_end(self, record, history): seen.append("end")
-
-    hooks = TrackedHooks(Inner(), Tracker(cfg))
-    hooks.epoch_start(1, 1, 1)
-    hooks.step(1, 8)
-    hooks.epoch_end(record(1, 0.5), [])
-    hooks.tracker.close()
-    assert seen == ["start", "step", "end"] and not (tmp_path / "mlruns").exists()
+    sink = TrackerSink(Tracker(cfg))
+    sink.report(record(1, 0.5), [], lambda: {})
+    sink.close()
+    assert not (tmp_path / "mlruns").exists()
     assert scalars(tmp_path / "tensorboard", "r", "accuracy/val") == [(1, pytest.approx(0.5))]
+
+
+def test_reports_between_epoch_ends_are_tracked_at_their_optimizer_step(tmp_path):
+    cfg = TrackingConfig.for_dir(tmp_path, "exp", "r", mlflow_uri="off")
+    sink = TrackerSink(Tracker(cfg), per_epoch=False)
+    for step, acc in ((5, 0.2), (10, 0.4)):
+        sink.report({**record(1, acc), "epoch": step / 10, "step": step}, [], lambda: {})
+    sink.close()
+    assert scalars(tmp_path / "tensorboard", "r", "accuracy/val") == [(5, pytest.approx(0.2)), (10, pytest.approx(0.4))]
 
 
 def test_an_unusable_mlflow_uri_is_one_line_before_anything_runs(tiny_data_dir, tmp_path, capsys):

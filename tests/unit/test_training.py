@@ -8,7 +8,8 @@ import torch
 
 from resnet_dist.checkpoint import load_checkpoint, load_model
 from resnet_dist.config import RunConfig
-from resnet_dist.training import TrainingHooks, fit_local
+from resnet_dist.local import fit_local
+from resnet_dist.training import Sink
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,14 +33,15 @@ def test_fit_local_writes_checkpoints_and_metrics(tiny_data_dir, tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-class StopAfter(TrainingHooks):
-    """Simulates a kill right after epoch `k` was checkpointed."""
+class StopAfter(Sink):
+    """Simulates a kill right after report `k` was checkpointed (the sink runs after DirSink)."""
 
     def __init__(self, k):
-        self.k = k
+        self.k, self.n = k, 0
 
-    def epoch_end(self, record, history):
-        if record["epoch"] == self.k:
+    def report(self, record, history, checkpoint):
+        self.n += 1
+        if self.n == self.k:
             raise KeyboardInterrupt
 
 
@@ -47,13 +49,32 @@ def test_fit_local_resumes_where_it_stopped(tiny_data_dir, tmp_path):
     cfg = tiny_cfg(tiny_data_dir, epochs=3)
     straight = fit_local(cfg, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        fit_local(cfg, tmp_path / "resumed", hooks=StopAfter(2))
+        fit_local(cfg, tmp_path / "resumed", StopAfter(2))
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
     resumed = fit_local(cfg, tmp_path / "resumed")
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     # Same weights, optimizer, schedule, RNG and data order: epoch 3 repeats the straight run's.
     for key in ("train_loss", "val_loss", "val_acc", "lr"):
         assert resumed["history"][2][key] == pytest.approx(straight["history"][2][key], rel=1e-4, abs=1e-6)
+
+
+def test_reports_between_epoch_ends_and_a_resume_inside_an_epoch(tiny_data_dir, tmp_path):
+    """report_every_images: 200 train images at batch 32 are 6 steps an epoch; a report every
+    64 images is one every 2 steps, so 3 per epoch (the last at the epoch's end). A run killed
+    after a report inside an epoch goes on from that step, not from the epoch's start."""
+    cfg = tiny_cfg(tiny_data_dir).replace(train={"report_every_images": 64})
+    straight = fit_local(cfg, tmp_path / "straight")["history"]
+    assert [round(r["epoch"], 3) for r in straight] == [0.333, 0.667, 1, 1.333, 1.667, 2]
+    assert [r["step"] for r in straight] == [2, 4, 6, 8, 10, 12]
+    with pytest.raises(KeyboardInterrupt):
+        fit_local(cfg, tmp_path / "resumed", StopAfter(4))   # inside epoch 2, after its step 2
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (ckpt["epoch"], ckpt["extra"]["step_in_epoch"]) == (1, 2)
+    resumed = fit_local(cfg, tmp_path / "resumed")["history"]
+    assert [r["step"] for r in resumed] == [2, 4, 6, 8, 10, 12]
+    for a, b in zip(resumed[4:], straight[4:]):   # the same batches, weights and schedule after the resume
+        for key in ("train_loss", "val_acc", "lr", "param_checksum"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_train_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from resnet_dist.training import TrainingHooks
+from resnet_dist.training import Sink
 
 
 def _columns() -> int:
@@ -32,7 +32,7 @@ def history_table(history: Sequence[dict[str, float]], title: str = "Training") 
         t.add_column(col, justify="right")
     for r in history:
         t.add_row(
-            str(int(r["epoch"])), f"{r['train_loss']:.4f}", f"{r['train_acc']:.2%}", f"{r['val_loss']:.4f}",
+            f"{r['epoch']:.4g}", f"{r['train_loss']:.4f}", f"{r['train_acc']:.2%}", f"{r['val_loss']:.4f}",
             f"{r['val_acc']:.2%}", f"{r['lr']:.4g}", f"{r['images_per_s']:.0f}", f"{r['epoch_s']:.1f}",
             f"{r['data_wait_frac']:.1%}",
         )
@@ -42,10 +42,13 @@ def history_table(history: Sequence[dict[str, float]], title: str = "Training") 
 def eta_line(history: Sequence[dict[str, float]], epochs: int, what: str) -> str:
     """"fine-tuning: epoch 1/2 done, 312 img/s, ETA 160 s": progress between epoch tables."""
     last = history[-1]
-    left = max(0, epochs - int(last["epoch"]))
-    mean_s = sum(r["epoch_s"] for r in history) / len(history)
-    eta = f", ETA {left * mean_s:.0f} s" if left else ", done"
-    return f"{what}: epoch {int(last['epoch'])}/{epochs}, {last['images_per_s']:.0f} img/s{eta}"
+    left = max(0.0, epochs - float(last["epoch"]))
+    # Seconds per epoch so far: reports may come more often than once an epoch, and a resumed
+    # run's history here starts where it resumed.
+    covered = float(last["epoch"]) - float(history[0].get("resumed_from_epoch", 0))
+    per_epoch = sum(r["epoch_s"] for r in history) / max(1e-9, covered)
+    eta = f", ETA {left * per_epoch:.0f} s" if left else ", done"
+    return f"{what}: epoch {last['epoch']:.4g}/{epochs}, {last['images_per_s']:.0f} img/s{eta}"
 
 
 def print_eval_report(report: dict[str, Any], title: str, out: Console = console) -> None:
@@ -68,8 +71,8 @@ def print_eval_report(report: dict[str, Any], title: str, out: Console = console
     out.print(cm)
 
 
-class RichHooks(TrainingHooks):
-    """A progress bar per epoch and the history table after each epoch."""
+class RichProgress(Sink):
+    """The local loop's terminal: a progress bar per epoch and the history table after each report."""
 
     def __init__(self, out: Console = console) -> None:
         self.out = out
@@ -91,7 +94,7 @@ class RichHooks(TrainingHooks):
             rate = f"{step * images / elapsed:.0f} img/s" if elapsed > 0 else ""
             self.progress.update(self.task, completed=step, rate=rate)
 
-    def epoch_end(self, record: dict[str, float], history: list[dict[str, float]]) -> None:
-        if self.progress is not None:
+    def report(self, record, history, checkpoint) -> None:
+        if self.progress is not None and float(record["epoch"]).is_integer():
             self.progress.stop()
         self.out.print(history_table(history))

@@ -1,0 +1,55 @@
+"""The one resource planner: how many workers, CPUs and threads a Train run gets, for a
+training job, each trial of a sweep and fine-tuning alike."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from resnet_dist.config import ConfigError
+
+# Logical CPUs a trial's own driver function asks for: enough to be a real
+# resource request (Tune rejects 0), small enough to leave the CPUs to its workers.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How each Train run is sized, derived from the cluster (see `plan_resources`)."""
+
+    workers: int                # Train workers of one run
+    use_gpu: bool
+    cpus_per_worker: float      # logical CPUs each worker asks Ray for
+    threads: int                # torch CPU threads per worker
+    max_concurrent: int         # runs at once (sweep trials; 1 for a single run)
+    data_path: str              # "device" on GPUs, "pipeline" on CPUs (cluster/data.py)
+
+
+def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> Resources:
+    """Size runs so that every running run's workers fit at once, with one CPU left for Ray
+    Data, and no run waits PENDING for CPUs another run's workers hold."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if gpus >= 1:
+        concurrent = max(1, min(max_concurrent, int(gpus // workers)))
+        if concurrent * workers > gpus:
+            raise ConfigError(f"{workers} GPU workers per run, but the cluster has {gpus:g} GPUs")
+        cpus_per_worker = max(1.0, math.floor((cpus - 1) / (concurrent * workers))) if cpus > 1 else 1.0
+        return Resources(workers, True, cpus_per_worker, int(cpus_per_worker), concurrent, "device")
+    spare = cpus - 1.0   # one whole CPU for Ray Data's read/augment tasks (each asks for 1)
+    if spare <= 0:
+        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs; training on CPUs needs at least 2")
+    concurrent = max(1, min(max_concurrent, int(spare // (0.5 * workers))))
+    # The trials' own driver slivers come out of the workers' share, not Ray Data's:
+    # were Ray Data left 0.99 CPU, its 1-CPU read tasks could never be scheduled.
+    cpus_per_worker = min(1.0, (spare - concurrent * TRIAL_DRIVER_CPUS) / (concurrent * workers))
+    threads = max(1, node_cores // (concurrent * workers))
+    return Resources(workers, False, cpus_per_worker, threads, concurrent, "pipeline")
+
+
+def plan_for_cluster(workers: int, max_concurrent: int = 1) -> Resources:
+    """`plan_resources` for the connected Ray cluster (its CPUs and GPUs, this node's cores)."""
+    from cluster.runtime import cluster_cpus, cluster_gpus
+
+    return plan_resources(workers, max_concurrent, cluster_cpus(), cluster_gpus(), os.cpu_count() or 1)

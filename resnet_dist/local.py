@@ -1,0 +1,117 @@
+"""The one-process path: the training loop fed from memory, its sink writing files.
+
+`train_local` is the local twin of a Ray Train run (cluster/train.py): the same RunSpec,
+the same `run_loop`, the same checkpoints; `fit_local` and `finetune_local` add the same
+wrap-up as the Ray path (resnet_dist.outputs, resnet_dist.finetune).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from resnet_dist.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, save_checkpoint
+from resnet_dist.config import FinetuneConfig, RunConfig
+from resnet_dist.data import ensure_prepared, read_manifest, read_split
+from resnet_dist.engine import select_device
+from resnet_dist.finetune import finish_finetune, plan_finetune
+from resnet_dist.loader import ArrayLoader
+from resnet_dist.outputs import wrap_up, write_json
+from resnet_dist.spec import RunSpec
+from resnet_dist.training import Position, Sink, Sinks, build_state, restore_training, run_loop
+
+METRICS_FILE = "metrics.json"
+# A run's own epoch checkpoints under a fine-tuning output directory, where Ray Train keeps its
+# (STORAGE/train/finetune); a fine-tuning directory may be a sweep's, whose best.pt is the
+# selected trial and must not be overwritten.
+FINETUNE_RUN_DIR = Path("train") / "finetune"
+
+
+def loader_seed(seed: int, rank: int = 0) -> int:
+    """Shuffle and augmentation seed of one rank's in-memory loader: rank 0 of a Ray run draws
+    what the local run draws (the parity tests compare them)."""
+    return seed + 1000 * rank
+
+
+class DirSink(Sink):
+    """The local run's sink: last.pt at every report, best.pt on a new best val accuracy, and
+    the history so far in metrics.json (the wrap-up rewrites it with the test report)."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+
+    def report(self, record: dict[str, Any], history: list[dict[str, Any]], checkpoint: Callable[[], dict]) -> None:
+        ckpt = checkpoint()
+        save_checkpoint(ckpt, self.run_dir / LAST_CHECKPOINT)
+        if record["val_acc"] > max((r["val_acc"] for r in history[:-1]), default=-1.0):
+            save_checkpoint(ckpt, self.run_dir / BEST_CHECKPOINT)
+        write_json(self.run_dir / METRICS_FILE, {"history": history})
+
+
+def load_loaders(spec: RunSpec, device: torch.device, rank: int = 0) -> tuple[ArrayLoader, ArrayLoader]:
+    """In-memory train (the union of `spec.train_splits`, `train_subset` applied, augmented) and
+    val loaders of `spec.run.data.data_dir`."""
+    cfg = spec.run
+    parts = [read_split(cfg.data.data_dir, s) for s in spec.train_splits]
+    images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+    labels = np.concatenate([p.labels for p in parts]) if len(parts) > 1 else parts[0].labels
+    n = spec.train_images
+    val = read_split(cfg.data.data_dir, "val")
+    common = {"mean": spec.mean, "std": spec.std, "device": device}
+    return (
+        ArrayLoader.from_numpy(images[:n], labels[:n], batch_size=cfg.train.batch_size, data=cfg.data,
+                               train=True, seed=loader_seed(cfg.train.seed, rank), **common),
+        ArrayLoader.from_numpy(val.images, val.labels, batch_size=cfg.train.eval_batch_size, **common),
+    )
+
+
+def train_local(spec: RunSpec, run_dir: str | os.PathLike, sink: Sink | None = None,
+                resume: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run `spec` in this process, writing last.pt/best.pt into `run_dir`; with `resume`, an
+    existing last.pt there is continued from. Returns (the checkpoint the run delivers: its
+    last when it trained on val, else its best on val; the history)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device()
+    spec.steps_per_epoch()   # a clear error when there is not one batch
+    train_loader, val_loader = load_loaders(spec, device)
+    state = build_state(spec, device, len(train_loader))
+    start, history = Position(), []
+    if resume and (run_dir / LAST_CHECKPOINT).exists():
+        start, history = restore_training(state, load_checkpoint(run_dir / LAST_CHECKPOINT))
+
+    def train_batches(epoch: int) -> ArrayLoader:
+        train_loader.set_epoch(epoch)
+        return train_loader
+
+    history = run_loop(state, spec, train_batches, lambda: val_loader, Sinks(DirSink(run_dir), sink),
+                       len(train_loader), start, history)
+    delivered = load_checkpoint(run_dir / (LAST_CHECKPOINT if spec.selects_last else BEST_CHECKPOINT))
+    return delivered, history
+
+
+def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, sink: Sink | None = None,
+              resume: bool = True) -> dict[str, Any]:
+    """Train one config in this process from the Parquet shards in `cfg.data.data_dir`; writes
+    last.pt, best.pt (with test_acc) and metrics.json into `run_dir`. Returns the summary."""
+    spec = RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir))
+    best, history = train_local(spec, run_dir, sink, resume)
+    return wrap_up(run_dir, best, history, cfg.data.data_dir, checkpoint_name=BEST_CHECKPOINT,
+                   summary_name=METRICS_FILE, flip_tta=cfg.train.eval_flip_tta)
+
+
+def finetune_local(source: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
+                   ft: FinetuneConfig, sink: Sink | None = None) -> dict[str, Any]:
+    """jobs/finetune.py --local: fine-tune the checkpoint `source` on `data` (prepared Parquet,
+    or an image folder/archive, prepared into out_dir/finetune-data first) in this process.
+    Writes what the Ray path writes (resnet_dist.outputs); returns finetune.json's content."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = ensure_prepared(data, out / "finetune-data")
+    plan = plan_finetune(source, data_dir, out, ft)
+    tuned, history = train_local(plan.spec, out / FINETUNE_RUN_DIR, sink, resume=False)
+    return finish_finetune(out, plan, tuned, history)
