@@ -91,7 +91,7 @@ def make_cifar_groups_folder(root: str | Path, cifar_dir: str | Path, train_per_
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from resnet_dist.data import read_split
+    from resnet_dist.parquet import read_split
 
     root, rng = Path(root), np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("test", test_per_class)):

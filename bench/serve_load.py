@@ -74,7 +74,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def payload_images(data_dir: str, n: int = 256) -> tuple[np.ndarray, str]:
-    from resnet_dist.data import DataError, read_split
+    from resnet_dist.arrays import DataError
+    from resnet_dist.parquet import read_split
 
     try:
         return read_split(data_dir, "test").images[:n], f"{data_dir} test split"

@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # run from anywhere without installing the package (the GPU machine)
 
 from resnet_dist.config import TRAIN_PRESETS, RunConfig  # noqa: E402
-from resnet_dist.data import prepare_dataset, read_manifest, read_split  # noqa: E402
 from resnet_dist.engine import evaluate, select_device, train_epoch  # noqa: E402
 from resnet_dist.loader import ArrayLoader  # noqa: E402
 from resnet_dist.models import count_parameters  # noqa: E402
+from resnet_dist.parquet import read_manifest, read_split  # noqa: E402
+from resnet_dist.prepare import prepare_dataset  # noqa: E402
 from resnet_dist.training import build_training  # noqa: E402
 
 WARMUP_STEPS = 3   # compile and cuDNN autotuning happen here, off the clock

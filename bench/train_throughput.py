@@ -22,7 +22,7 @@ import torch
 
 
 def plain_loop(cfg, threads: int) -> dict:
-    from resnet_dist.data import read_manifest, read_split
+    from resnet_dist.parquet import read_manifest, read_split
     from resnet_dist.engine import select_device
     from resnet_dist.loader import ArrayLoader
     from resnet_dist.training import build_training
@@ -49,7 +49,7 @@ def ray_run(cfg, workers: int, threads: int, data_path: str, name: str, storage:
     from cluster.progress import fit_streaming
     from cluster.resources import plan_for_cluster
     from cluster.train import WorkerJob, build_trainer
-    from resnet_dist.data import read_manifest
+    from resnet_dist.parquet import read_manifest
     from resnet_dist.spec import RunSpec
 
     job = WorkerJob(RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir)), threads, data_path=data_path)

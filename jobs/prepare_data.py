@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from termui.cli import die, job_parser
+from resnet_dist.arrays import DataError
 from resnet_dist.constants import DEFAULT_VAL_SIZE
-from resnet_dist.data import DataError, prepare_dataset
+from resnet_dist.prepare import prepare_dataset
 
 
 def positive_int(text: str) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_dist.data import prepare_dataset
+from resnet_dist.prepare import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

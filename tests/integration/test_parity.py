@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from resnet_dist.config import FinetuneConfig, RunConfig
-from resnet_dist.data import read_manifest
 from resnet_dist.finetune import plan_finetune
 from resnet_dist.local import fit_local, train_local
+from resnet_dist.parquet import read_manifest
 from resnet_dist.spec import RunSpec
 
 pytestmark = pytest.mark.integration

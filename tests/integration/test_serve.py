@@ -20,7 +20,7 @@ from PIL import Image
 from resnet_dist.augment import normalize
 from resnet_dist.checkpoint import load_model
 from resnet_dist.config import RunConfig
-from resnet_dist.data import read_split
+from resnet_dist.parquet import read_split
 from resnet_dist.engine import Precision, predict_logits
 from resnet_dist.inference import checkpoint_id, resolve_checkpoint
 from resnet_dist.local import fit_local

@@ -49,7 +49,7 @@ def test_each_sample_goes_to_exactly_one_worker_per_epoch(ray_driver, tiny_data_
 
     from cluster.data import build_datasets, torch_batches
     from resnet_dist.config import DataConfig
-    from resnet_dist.data import read_manifest
+    from resnet_dist.parquet import read_manifest
 
     manifest = read_manifest(tiny_data_dir)
     # No crop/flip: a sample's normalised pixels identify it.

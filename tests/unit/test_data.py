@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -10,16 +11,19 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_dist import data
-from resnet_dist.constants import EXIT_BAD_INPUT
-from resnet_dist.data import (
-    DataError, ImageArrays, decode_images, load_source, prepare_dataset, read_manifest, read_split,
-    split_files, stratified_split,
+from resnet_dist import data, parquet, prepare
+from resnet_dist.arrays import DataError, ImageArrays, holdout_size, stratified_split
+from resnet_dist.constants import EXIT_BAD_INPUT, IMAGE_BYTES
+from resnet_dist.parquet import (
+    FORMAT_VERSION, decode_images, encode_images, read_manifest, read_split, split_files, write_shards,
 )
+from resnet_dist.prepare import ensure_prepared, prepare_dataset
+from resnet_dist.sources import load_source
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("cat", "dog", "frog")
@@ -182,17 +186,68 @@ def test_prepare_round_trip(tmp_path: Path) -> None:
     files = split_files(out, "train")
     assert files == sorted(files) and [Path(f).name for f in files] == [f"part-0000{i}.parquet" for i in range(4)]
     table = pq.read_table(files[0])
-    assert table.schema.field("image").type == "binary" and table.schema.field("label").type == "int64"
+    assert table.schema.field("image").type == pa.binary(IMAGE_BYTES)   # fixed_size_binary[3072]
+    assert table.schema.field("label").type == pa.int64()
+    # What Ray Data's numpy batches hold for this column: an object array of bytes, one per row.
     batch = decode_images(table.column("image").to_numpy(zero_copy_only=False), manifest["image_shape"])
     np.testing.assert_array_equal(batch, train.images[:5])
     assert batch.flags.writeable
+    assert train.images.flags.writeable and test.images.flags.writeable   # read_split copies out of arrow
 
 
-def test_decode_images_rejects_wrong_sizes() -> None:
+def test_images_round_trip_through_a_fixed_size_binary_shard(tmp_path: Path) -> None:
+    split = make_split(7, seed=5)
+    write_shards(split, tmp_path / "train", rows_per_shard=8)
+    files = sorted((tmp_path / "train").glob("part-*.parquet"))
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert pq.read_schema(files[0]).field("image").type == pa.binary(32 * 32 * 3)
+    # Parquet stores it as FIXED_LEN_BYTE_ARRAY: no per-row length, just 3,072 bytes per image.
+    column = pq.ParquetFile(files[0]).schema.column(0)
+    assert column.physical_type == "FIXED_LEN_BYTE_ARRAY" and column.length == 3072
+
+    tables = [pq.read_table(f) for f in files]
+    images = np.concatenate([decode_images(t.column("image"), (32, 32, 3)) for t in tables])
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+    assert images.dtype == np.uint8 and images.shape == (21, 32, 32, 3)
+    np.testing.assert_array_equal(images, split.images)
+    np.testing.assert_array_equal(labels, split.labels)
+
+    # One chunk decodes to a view of arrow's data buffer (no copy), offsets of slices included.
+    chunk = tables[0].column("image").chunk(0)
+    view = decode_images(chunk, (32, 32, 3))
+    assert view.ctypes.data == chunk.buffers()[1].address and not view.flags.writeable
+    np.testing.assert_array_equal(decode_images(chunk.slice(3, 4), (32, 32, 3)), split.images[3:7])
+    np.testing.assert_array_equal(decode_images(pa.chunked_array([chunk.slice(6), chunk.slice(0, 2)]), (32, 32, 3)),
+                                  split.images[[6, 7, 0, 1]])
+    assert decode_images(chunk.slice(0, 0), (32, 32, 3)).shape == (0, 32, 32, 3)
+
+
+def test_encode_images_is_the_raw_hwc_bytes() -> None:
+    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    column = encode_images(images)
+    assert column.type == pa.binary(12) and column.to_pylist() == [bytes(range(12)), bytes(range(12, 24))]
+    with pytest.raises(DataError, match="uint8"):
+        encode_images(images.astype(np.int16))
+
+
+def test_decode_images_rejects_wrong_sizes_types_and_nulls() -> None:
     values = np.array([b"\x00" * 12, b"\x01" * 12], dtype=object)
     assert decode_images(values, (2, 2, 3)).shape == (2, 2, 2, 3)
-    with pytest.raises(DataError, match="bytes"):
+    assert decode_images([b"\x00" * 12], (2, 2, 3)).shape == (1, 2, 2, 3)
+    with pytest.raises(DataError, match="row 0 holds 12 bytes; expected 3072"):
         decode_images(values, (32, 32, 3))
+    # 11 + 13 bytes add up to two rows of 12, and are still refused.
+    with pytest.raises(DataError, match="row 0 holds 11 bytes; expected 12"):
+        decode_images(np.array([b"\x00" * 11, b"\x00" * 13], dtype=object), (2, 2, 3))
+    with pytest.raises(DataError, match="row 1 holds NoneType"):
+        decode_images(np.array([b"\x00" * 12, None], dtype=object), (2, 2, 3))
+    with pytest.raises(DataError, match=r"fixed_size_binary\[12\], expected fixed_size_binary\[48\]"):
+        decode_images(encode_images(np.zeros((2, 2, 2, 3), np.uint8)), (4, 4, 3))
+    with pytest.raises(DataError, match="2 missing images"):
+        decode_images(pa.array([b"\x00" * 12, None, None], type=pa.binary(12)), (2, 2, 3))
+    # The format-1 column (variable-length binary) is named as an older format, not mis-read.
+    with pytest.raises(DataError, match="is binary, expected fixed_size_binary.*older resnet-dist.*--force"):
+        decode_images(pa.array([b"\x00" * 12] * 2, type=pa.binary()), (2, 2, 3))
 
 
 def test_rerun_is_a_noop_and_other_options_need_force(tmp_path: Path) -> None:
@@ -223,6 +278,76 @@ def test_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:
     image[5, 5] ^= 1
     Image.fromarray(image).save(folder / "test" / "cat" / "0000.png")
     assert prepare_dataset(folder, tmp_path / "c", val_size=6)["fingerprint"] != a["fingerprint"]
+
+
+# --------------------------------------------------------------------------- format versions
+
+
+def as_format_1(out: Path) -> None:
+    """Rewrite a prepared directory as format 1 wrote it: images as variable-length binary."""
+    for shard in out.glob("*/part-*.parquet"):
+        table = pq.read_table(shard)
+        images = table.column("image").cast(pa.binary())
+        pq.write_table(table.set_column(0, "image", images), shard, use_dictionary=False)
+        assert pq.read_schema(shard).field("image").type == pa.binary()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+
+
+def test_data_in_the_old_format_is_refused_by_readers_with_the_command_that_converts_it(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    out = tmp_path / "out"
+    prepare_dataset(folder, out, val_size=6, seed=3)
+    as_format_1(out)
+    for read in (read_manifest, lambda d: split_files(d, "train"), lambda d: read_split(d, "val")):
+        with pytest.raises(DataError) as info:
+            read(out)
+        message = str(info.value)
+        assert "\n" not in message and "data format 1, written by an older resnet-dist" in message
+        assert message.endswith(f"python jobs/prepare_data.py {folder} {out} --val-size 6 --seed 3 --force")
+    assert read_manifest(out, check_format=False)["format_version"] == 1
+    # Shards of format 1 under a current manifest (a half-copied directory) are refused, not mis-read.
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION}))
+    with pytest.raises(DataError, match=r"val: image column is binary, expected fixed_size_binary\[3072\]"):
+        read_split(out, "val")
+
+
+def test_the_same_conversion_in_the_old_format_is_converted_again_others_need_force(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "src", make_source())
+    out = tmp_path / "out"
+    current = prepare_dataset(folder, out, val_size=6)
+    before = {s: read_split(out, s) for s in ("train", "val", "test")}
+    as_format_1(out)
+    with pytest.raises(DataError, match="different source or options; pass --force"):
+        prepare_dataset(folder, out, val_size=5)
+    again = prepare_dataset(folder, out, val_size=6)   # same source and options: no --force needed
+    assert again == current and read_manifest(out) == current and again["format_version"] == FORMAT_VERSION == 2
+    assert again["fingerprint"] == current["fingerprint"]
+    for split, arrays in before.items():
+        assert_same(read_split(out, split), arrays)
+    assert pq.read_schema(split_files(out, "test")[0]).field("image").type == pa.binary(IMAGE_BYTES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(DataError, match="format 3, written by a newer resnet-dist; .*read it with that version"):
+        read_manifest(out)
+    with pytest.raises(DataError, match=f"format {FORMAT_VERSION + 1}, newer than this version's .*--force"):
+        prepare_dataset(folder, out, val_size=6)   # never downgraded behind a newer version's back
+    assert prepare_dataset(folder, out, val_size=6, force=True)["format_version"] == FORMAT_VERSION
+
+
+def test_the_data_module_re_exports_the_public_names() -> None:
+    from resnet_dist import arrays, sources
+
+    homes = {"DataError": arrays, "ImageArrays": arrays, "holdout_size": arrays, "stratified_split": arrays,
+             "load_source": sources, "read_manifest": parquet, "read_split": parquet, "split_files": parquet,
+             "decode_images": parquet, "is_prepared": parquet, "prepare_dataset": prepare,
+             "ensure_prepared": prepare}
+    for name, module in homes.items():
+        assert getattr(data, name) is getattr(module, name), name
+    assert set(homes) <= set(data.__all__) and all(hasattr(data, n) for n in data.__all__)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -313,7 +438,7 @@ def test_failure_while_writing_keeps_existing_output(tmp_path: Path, monkeypatch
             raise OSError("disk full")
         split_dir.mkdir()
 
-    monkeypatch.setattr(data, "_write_shards", fail)
+    monkeypatch.setattr(prepare, "write_shards", fail)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(folder, out, val_size=3, force=True)
     assert mtimes(out) == before
@@ -356,15 +481,15 @@ def test_cli_converts_a_folder(tmp_path: Path) -> None:
 def test_a_users_folder_gets_a_tenth_of_train_as_val_and_prepared_data_is_used_as_is(tmp_path: Path) -> None:
     folder = write_folder(tmp_path / "src", make_source())
     n_train = len(make_source()["train"].labels)
-    assert data.holdout_size(n_train) == max(1, n_train // 10)
-    assert data.holdout_size(10**6) == 5000 and data.holdout_size(3) == 1
-    out = data.ensure_prepared(folder, tmp_path / "prepared")
+    assert holdout_size(n_train) == max(1, n_train // 10)
+    assert holdout_size(10**6) == 5000 and holdout_size(3) == 1
+    out = ensure_prepared(folder, tmp_path / "prepared")
     manifest = read_manifest(out)
-    assert manifest["counts"]["val"] == data.holdout_size(n_train)
+    assert manifest["counts"]["val"] == holdout_size(n_train)
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == n_train
     before = mtimes(out)
-    assert data.ensure_prepared(folder, tmp_path / "prepared") == out and mtimes(out) == before   # no-op re-run
-    assert data.ensure_prepared(out, tmp_path / "elsewhere") == out   # prepared Parquet is used where it is
+    assert ensure_prepared(folder, tmp_path / "prepared") == out and mtimes(out) == before   # no-op re-run
+    assert ensure_prepared(out, tmp_path / "elsewhere") == out   # prepared Parquet is used where it is
     assert not (tmp_path / "elsewhere").exists()
 
 

@@ -7,10 +7,10 @@ from PIL import Image
 
 from resnet_dist.checkpoint import load_checkpoint, load_model
 from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
-from resnet_dist.data import prepare_dataset
 from resnet_dist.engine import build_optimizer
 from resnet_dist.finetune import prepare_finetune, set_train_mode
 from resnet_dist.local import finetune_local, fit_local
+from resnet_dist.prepare import prepare_dataset
 
 
 def tiny_cfg(data_dir, batch_size=32):
