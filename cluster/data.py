@@ -19,7 +19,7 @@ from resnet_dist.parquet import decode_images, split_files
 
 
 def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0,
-               shuffle_files: bool = True) -> ray.data.Dataset:
+               shuffle_files: bool = True, seed: int | None = None) -> ray.data.Dataset:
     """A split's Parquet shards as a Ray Dataset of raw rows (image: H*W*3 bytes, label).
 
     The train split is read in a new random file order each epoch ("files"
@@ -27,11 +27,12 @@ def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0,
     buffer in the iterator mixes across shard boundaries. This costs nothing
     next to a full `random_shuffle` (see docs/benchmarks.md). `shuffle_files=False` keeps the
     file order: the device path reads its shard once and shuffles it itself, seeded, as the
-    local loop does.
+    local loop does. `seed` makes the file order of every epoch reproducible (each epoch's
+    differs: Ray Data reseeds per execution).
     """
     splits = [split] if isinstance(split, str) else list(split)
     files = [f for s in splits for f in split_files(data_dir, s)]
-    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle="files" if "train" in splits and shuffle_files else None)
+    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle=ray.data.FileShuffleConfig(seed=seed) if "train" in splits and shuffle_files else None)
     return ds.limit(limit) if limit else ds
 
 
@@ -62,7 +63,7 @@ class _Transform:
 
 def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
                    splits: Sequence[str] = ("train", "val"), raw_train: bool = False,
-                   train_splits: Sequence[str] = ("train",)) -> dict[str, ray.data.Dataset]:
+                   train_splits: Sequence[str] = ("train",), seed: int | None = None) -> dict[str, ray.data.Dataset]:
     """The datasets for a TorchTrainer: "train" (the union of `train_splits`)
     augmented, or raw uint8 with `raw_train` for the device-side path; the others
     normalised only."""
@@ -70,7 +71,7 @@ def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
     for split in splits:
         train = split == "train"
         ds = read_split(data_dir, tuple(train_splits) if train else split, data.train_subset if train else 0,
-                        shuffle_files=not raw_train)
+                        shuffle_files=not raw_train, seed=seed)
         fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None,
                         raw=train and raw_train)
         # A plain function keeps the work in short tasks; batch 500 images = 1.5 MB raw, 6 MB out.
@@ -79,7 +80,7 @@ def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
 
 
 def torch_batches(shard: Any, batch_size: int, train: bool, device: torch.device | str = "cpu",
-                  shuffle_buffer: int = 2000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  shuffle_buffer: int = 2000, shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) tensors from a worker's dataset shard (a ray.data.DataIterator).
 
     Training drops the partial last batch so every rank runs the same number of
@@ -88,6 +89,7 @@ def torch_batches(shard: Any, batch_size: int, train: bool, device: torch.device
     for b in shard.iter_torch_batches(
         batch_size=batch_size, drop_last=train, device=device, prefetch_batches=2,
         local_shuffle_buffer_size=shuffle_buffer if train else None,
+        local_shuffle_seed=shuffle_seed if train else None,
     ):
         yield b["x"], b["y"]
 

@@ -45,3 +45,35 @@ def finetune_on_ray(source: Path, data: Path, out: Path, ft: FinetuneConfig, res
     log_artifacts(tracking, FINETUNE_RUN, [out / FINETUNED_CHECKPOINT, out / SUMMARY_FILE],
                   {"test_acc_before": summary["before"]["accuracy"], "test_acc_after": summary["after"]["accuracy"]})
     return summary
+
+
+def finetune_job(source: Path, data: Path, out: Path, ft: FinetuneConfig, workers: int, local: bool,
+                 mlflow_uri: str | None, verbose: bool = False, restart: bool = False) -> dict[str, Any]:
+    """jobs/finetune.py after its checks: in this process (`local`) or on Ray Train, one driver
+    at a time per output directory, which resumes only the same fine-tuning (`restart`: afresh,
+    the old files set aside), tracked as the `finetune` run of OUT's experiment."""
+    from cluster.lock import DriverLock
+    from resnet_dist.identity import claim
+
+    tracking = TrackingConfig.for_dir(out, out.name, FINETUNE_RUN, mlflow_uri)
+    with DriverLock(out, "fine-tuning output"):
+        claim(out, {"kind": "finetune", "source": str(source), "finetune": ft.to_dict()}, "fine-tuning output",
+              restart)
+        if local:
+            from cluster.tracking import run_tracked
+            from resnet_dist.local import finetune_local
+            from resnet_dist.training import Sinks
+            from termui.console import RichProgress
+
+            summary = run_tracked(tracking, {"source": str(source), **ft.to_dict()},
+                                  lambda sink: finetune_local(source, data, out, ft, Sinks(RichProgress(), sink)),
+                                  lambda s: {"test_acc_before": s["before"]["accuracy"],
+                                             "test_acc_after": s["after"]["accuracy"]})
+            log_artifacts(tracking, FINETUNE_RUN, [out / FINETUNED_CHECKPOINT, out / SUMMARY_FILE])
+            return summary
+        from cluster.resources import plan_for_cluster
+        from cluster.runtime import connect, set_verbose
+
+        set_verbose(verbose)
+        connect()
+        return finetune_on_ray(source, data, out, ft, plan_for_cluster(workers), tracking, out.name)

@@ -17,6 +17,7 @@ from typing import Any
 import ray.tune as tune
 
 from cluster.finetune import FINETUNE_RUN, finetune_on_ray
+from cluster.lock import DriverLock
 from cluster.progress import LiveTrials
 from cluster.resources import TRIAL_DRIVER_CPUS, Resources, plan_for_cluster
 from cluster.runtime import connect
@@ -26,11 +27,12 @@ from cluster.tune import build_tuner, trial_run_config
 from resnet_dist.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
 from resnet_dist.config import RunConfig
 from resnet_dist.data import read_manifest
+from resnet_dist.identity import claim
 from resnet_dist.outputs import write_json
 from resnet_dist.report import sweep_cost, trial_cost, write_report
 
 
-def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int,
+def collect_trials(results: tune.ResultGrid, max_epochs: int,
                    resources: Resources) -> list[dict[str, Any]]:
     """One row per trial: sampled config, epochs run, best val acc and its checkpoint, ASHA stop,
     and its cost (wall, CPU- and GPU-seconds held, images; resnet_dist.report.trial_cost)."""
@@ -43,7 +45,8 @@ def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int,
             continue
         df = df.sort_values("epoch").drop_duplicates("epoch", keep="last")
         best_row = df.loc[df["val_acc"].idxmax()]
-        run = trial_run_config(base, r.config)
+        # The trial's own saved config (its plan's base and its sample), never the command line's.
+        run = trial_run_config(RunConfig.from_dict(r.config["plan"]["base"]), r.config)
         epochs_run = float(df["epoch"].max())
         rows.append({
             "trial_id": r.metrics.get("trial_id", Path(r.path).name), "status": "ERROR" if r.error else "TERMINATED",
@@ -63,12 +66,30 @@ def collect_trials(results: tune.ResultGrid, base: RunConfig, max_epochs: int,
     return rows
 
 
-def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
-    """The whole loop; returns the summary also written to summary.json."""
+def sweep_identity(cfg: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What defines a sweep (resnet_dist.identity): the search and the fine-tuning, on this data;
+    not where it runs, how many trials at once, or whether it serves at the end."""
+    d = asdict(cfg)
+    for key in ("name", "storage", "data_dir", "max_concurrent", "serve", "mlflow_uri", "data_path"):
+        d.pop(key)
+    return {"kind": "sweep", **d, "data_fingerprint": manifest["fingerprint"]}
+
+
+def run_sweep(cfg: SweepConfig, console, restart: bool = False) -> dict[str, Any]:
+    """The whole loop, one driver at a time per sweep directory (cluster/lock.py), resumed only
+    with the config it was started with (`restart`: afresh, the old files set aside); returns
+    the summary also written to summary.json."""
+    with DriverLock(cfg.sweep_dir):
+        aside = claim(cfg.sweep_dir, sweep_identity(cfg, read_manifest(cfg.data_dir)), "sweep", restart)
+        if aside is not None:
+            console.print(f"--restart: the sweep's old files are in {aside}")
+        return _run_sweep(cfg, console)
+
+
+def _run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     t0 = time.perf_counter()
     connect()
     sweep_dir = cfg.sweep_dir
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(cfg.data_dir)
     resources = plan_for_cluster(cfg.workers_per_trial, cfg.max_concurrent)
     if cfg.data_path != "auto":
@@ -83,7 +104,7 @@ def run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     tuner = build_tuner("tune", str(sweep_dir), cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
                         callbacks=[LiveTrials(cfg.asha.max_epochs)])
     results = tuner.fit()
-    trials = collect_trials(results, base, cfg.asha.max_epochs, resources)
+    trials = collect_trials(results, cfg.asha.max_epochs, resources)
     if not trials:
         raise RuntimeError(f"no trial reported a result; see {sweep_dir / 'tune'}")
     best = max(trials, key=lambda t: t["best_val_acc"])

@@ -22,7 +22,8 @@ from termui.cli import die, job_parser
 
 
 def main(argv=None) -> None:
-    from cluster.tracking import TrackingConfig, check_mlflow_uri
+    from cluster.finetune import finetune_job
+    from cluster.tracking import check_mlflow_uri
     from resnet_dist.checkpoint import SOURCE_ORDER, CheckpointError, load_checkpoint, resolve_checkpoint
     from resnet_dist.config import FINETUNE_MODES, FinetuneConfig
     from resnet_dist.finetune import MIN_BATCH, MIN_STEPS, STEPS_PER_EPOCH
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store in OUT/mlruns; off = none)")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh when OUT holds another fine-tuning (its files are kept aside)")
     args = p.parse_args(argv)
 
     # Absolute once, here: Ray Train's controller and workers run in other directories.
@@ -68,27 +71,8 @@ def main(argv=None) -> None:
         if not data.exists():
             raise DataError(f"fine-tuning data {data} does not exist")
         check_mlflow_uri(args.mlflow_uri)
-        tracking = TrackingConfig.for_dir(out, out.name, "finetune", args.mlflow_uri)
-        if args.local:
-            from cluster.tracking import log_artifacts, run_tracked
-            from resnet_dist.checkpoint import FINETUNED_CHECKPOINT
-            from resnet_dist.local import finetune_local
-            from resnet_dist.training import Sinks
-            from termui.console import RichProgress
-
-            summary = run_tracked(tracking, {"source": str(source), **ft.to_dict()},
-                                  lambda sink: finetune_local(source, data, out, ft, Sinks(RichProgress(), sink)),
-                                  lambda s: {"test_acc_before": s["before"]["accuracy"],
-                                             "test_acc_after": s["after"]["accuracy"]})
-            log_artifacts(tracking, "finetune", [out / FINETUNED_CHECKPOINT, out / "finetune.json"])
-        else:
-            from cluster.finetune import finetune_on_ray
-            from cluster.resources import plan_for_cluster
-            from cluster.runtime import connect, set_verbose
-
-            set_verbose(args.verbose)
-            connect()
-            summary = finetune_on_ray(source, data, out, ft, plan_for_cluster(args.workers), tracking, out.name)
+        summary = finetune_job(source, data, out, ft, args.workers, args.local, args.mlflow_uri, args.verbose,
+                               args.restart)
     except (ConfigError, DataError, CheckpointError) as e:
         die(str(e))
     print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")

@@ -25,6 +25,8 @@ def main(argv=None) -> None:
 
     p = job_parser(__doc__, ray=True)
     add_sweep_args(p)
+    p.add_argument("--restart", action="store_true",
+                   help="start the sweep afresh when --name holds one with another config (its files are kept aside)")
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     cfg = sweep_config_from_args(args)
@@ -33,7 +35,7 @@ def main(argv=None) -> None:
     except (ConfigError, DataError) as e:
         die(str(e))
     try:
-        summary = run_sweep(cfg, console)
+        summary = run_sweep(cfg, console, args.restart)
     except (ConfigError, DataError, CheckpointError) as e:   # e.g. an unreadable --finetune-data folder
         die(str(e))
     print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Ray Data augments each epoch (pipeline) or workers augment on their device (default: device on GPU)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default: %(default)s)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a file store in RUN_DIR/mlruns; off = none)")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh when RUN_DIR holds a run of another config (its files are kept aside)")
     add_config_args(p, base=RunConfig().replace(**TRAIN_PRESETS["default"]))
     return p.parse_args(argv)
 
@@ -47,14 +49,14 @@ def main(argv=None) -> None:
     run_dir = str(Path(args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
     try:
         if args.local:
-            summary = run_local(cfg, run_dir, args.threads, args.mlflow_uri)
+            summary = run_local(cfg, run_dir, args.threads, args.mlflow_uri, args.restart)
         else:
             from cluster.runtime import set_verbose
             from cluster.train import run_distributed
 
             set_verbose(args.verbose)
             summary = run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker,
-                                      args.max_failures, args.data_path, args.mlflow_uri)
+                                      args.max_failures, args.data_path, args.mlflow_uri, args.restart)
     except ConfigError as e:
         die(str(e))
     from termui.console import console, print_eval_report
@@ -63,11 +65,12 @@ def main(argv=None) -> None:
     console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
 
 
-def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None) -> dict:
+def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None, restart: bool = False) -> dict:
     import torch
 
     from cluster.tracking import TRAIN_EXPERIMENT, TrackingConfig, log_artifacts, run_tracked
     from resnet_dist.checkpoint import BEST_CHECKPOINT
+    from resnet_dist.identity import claim, run_identity
     from resnet_dist.local import fit_local
     from resnet_dist.training import Sinks
     from termui.console import RichProgress, console
@@ -77,6 +80,8 @@ def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None
     console.print(f"[bold]local training[/bold] {cfg.model.flavor} x{cfg.model.width}, {cfg.train.epochs} epochs, "
                   f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
     out = Path(run_dir).resolve()
+    # Before tracking opens its files in the run directory: --restart moves them aside.
+    claim(out, run_identity(cfg.to_dict(), read_manifest(cfg.data.data_dir)["fingerprint"]), "run", restart)
     tracking = TrackingConfig.for_dir(out, TRAIN_EXPERIMENT, out.name, mlflow_uri)
     summary = run_tracked(tracking, {"config": cfg.to_dict()},
                           lambda sink: fit_local(cfg, out, Sinks(RichProgress(), sink)),

@@ -19,6 +19,7 @@ from resnet_dist.config import FinetuneConfig, RunConfig
 from resnet_dist.data import ensure_prepared, read_manifest, read_split
 from resnet_dist.engine import select_device
 from resnet_dist.finetune import finish_finetune, plan_finetune
+from resnet_dist.identity import claim, run_identity
 from resnet_dist.loader import ArrayLoader
 from resnet_dist.outputs import wrap_up, write_json
 from resnet_dist.spec import RunSpec
@@ -95,10 +96,12 @@ def train_local(spec: RunSpec, run_dir: str | os.PathLike, sink: Sink | None = N
 
 
 def fit_local(cfg: RunConfig, run_dir: str | os.PathLike, sink: Sink | None = None,
-              resume: bool = True) -> dict[str, Any]:
+              resume: bool = True, restart: bool = False) -> dict[str, Any]:
     """Train one config in this process from the Parquet shards in `cfg.data.data_dir`; writes
-    last.pt, best.pt (with test_acc) and metrics.json into `run_dir`. Returns the summary."""
+    last.pt, best.pt (with test_acc) and metrics.json into `run_dir`. A run directory of another
+    config is refused (resnet_dist.identity; `restart` sets its files aside). Returns the summary."""
     spec = RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir))
+    claim(run_dir, run_identity(cfg.to_dict(), spec.fingerprint), "run", restart)
     best, history = train_local(spec, run_dir, sink, resume)
     return wrap_up(run_dir, best, history, cfg.data.data_dir, checkpoint_name=BEST_CHECKPOINT,
                    summary_name=METRICS_FILE, flip_tta=cfg.train.eval_flip_tta)

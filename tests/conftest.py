@@ -37,7 +37,7 @@ def real_cifar_dir(shared_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 classes, 200 train / 40 val / 60 test 32x32 PNGs, prepared to Parquet.
+    """10 classes, 199 train / 41 val / 60 test 32x32 PNGs, prepared to Parquet.
 
     Each class has its own colour and stripe direction under pixel noise, so a
     small model can learn it in a few epochs.
@@ -55,5 +55,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 noisy = pattern + rng.normal(0, 12, size=(32, 32, 3))
                 Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(class_dir / f"{i:03d}.png")
     out = tmp_path_factory.mktemp("tiny_data") / "prepared"
-    prepare_dataset(root, out, val_size=40, seed=0, rows_per_shard=100)
+    # 41 val images: odd, so 2 workers cannot split them evenly, and validation must still count
+    # every one (Ray's equal split would drop one).
+    prepare_dataset(root, out, val_size=41, seed=0, rows_per_shard=100)
     return out

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +8,6 @@ from resnet_dist.config import RunConfig
 from resnet_dist.local import fit_local
 from resnet_dist.training import Sink
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(data_dir, epochs=2):
@@ -59,7 +55,7 @@ def test_fit_local_resumes_where_it_stopped(tiny_data_dir, tmp_path):
 
 
 def test_reports_between_epoch_ends_and_a_resume_inside_an_epoch(tiny_data_dir, tmp_path):
-    """report_every_images: 200 train images at batch 32 are 6 steps an epoch; a report every
+    """report_every_images: 199 train images at batch 32 are 6 steps an epoch; a report every
     64 images is one every 2 steps, so 3 per epoch (the last at the epoch's end). A run killed
     after a report inside an epoch goes on from that step, not from the epoch's start."""
     cfg = tiny_cfg(tiny_data_dir).replace(train={"report_every_images": 64})
@@ -77,14 +73,18 @@ def test_reports_between_epoch_ends_and_a_resume_inside_an_epoch(tiny_data_dir, 
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
-def test_train_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "jobs/train.py", "--local", *args], cwd=REPO, capture_output=True, text=True)
+def test_train_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from jobs.train import main
 
-    missing = run("--data", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:") and "manifest.json" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
-    bad_lr = run("--lr", "-1", "--data", str(tmp_path))
-    assert bad_lr.returncode == 2 and "optim.lr" in bad_lr.stderr
-    bad_flavor = run("--model", "resnet7", "--data", str(tmp_path))
-    assert bad_flavor.returncode == 2 and "resnet7" in bad_flavor.stderr
+    def run(*args):
+        """jobs/train.py's main() in this process: (exit code, stderr)."""
+        with pytest.raises(SystemExit) as exit_:
+            main(["--local", *args])
+        return exit_.value.code, capsys.readouterr().err.strip()
+
+    code, err = run("--data", str(tmp_path / "nope"))
+    assert code == 2 and err.startswith("error:") and "manifest.json" in err and len(err.splitlines()) == 1
+    code, err = run("--lr", "-1", "--data", str(tmp_path))
+    assert code == 2 and "optim.lr" in err
+    code, err = run("--model", "resnet7", "--data", str(tmp_path))
+    assert code == 2 and "resnet7" in err
