@@ -253,7 +253,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from ray import serve
 
     from cluster.runtime import connect
-    from cluster.serve import ServeConfig, deploy
+    from cluster.serve import ServeConfig
+    from cluster.serve_deploy import deploy
 
     images, source = payload_images(args.data)
     payloads = [encode_png(im) for im in images]

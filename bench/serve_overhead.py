@@ -125,7 +125,8 @@ def main(argv=None) -> None:
     from ray import serve
 
     from cluster.runtime import connect
-    from cluster.serve import ServeConfig, deploy
+    from cluster.serve import ServeConfig
+    from cluster.serve_deploy import deploy
 
     connect()
     cfg = ServeConfig(checkpoint=checkpoint, name="serve-overhead", max_batch_size=1, port=args.port, access_log=False)

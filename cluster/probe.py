@@ -20,7 +20,8 @@ def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
     from PIL import Image
     from rich.table import Table
 
-    from cluster.serve import ServeConfig, deploy
+    from cluster.serve import ServeConfig
+    from cluster.serve_deploy import deploy
     from resnet_dist.data import read_split
 
     console.print(f"deploying {cfg.sweep_dir / FINETUNED_CHECKPOINT} on Ray Serve, then {probes} test images...",

@@ -1,9 +1,10 @@
 """The Ray Serve application: a ResNet classifier behind a FastAPI ingress.
 
-`deploy(ServeConfig(checkpoint=...))` runs it on the current Ray connection and
-returns its base URL; `app_builder` builds the same application for a Serve
-config file (`import_path: cluster.serve:app_builder`, as in
-k8s/rayservice.yaml). Requests are validated and decoded in the request
+`app_builder` builds the application for a Serve config file (`import_path:
+cluster.serve:app_builder`, as in k8s/rayservice.yaml); `cluster.serve_deploy.deploy`
+applies such a config on the current Ray connection and returns its base URL, so both
+are one mechanism.
+Requests are parsed (cluster/http_requests.py) and the images decoded in the request
 handler, so bad input never reaches the model; valid images are grouped by
 `@serve.batch`, whose max batch size and wait timeout come from the
 deployment's `user_config` and can be changed live (`deploy` again with new
@@ -15,11 +16,8 @@ metrics are described in docs/serving.md.
 # endpoint signatures, which Serve rewrites for class-based views.
 import asyncio
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,39 +27,39 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.util.metrics import Counter, Gauge, Histogram
+from ray.serve.metrics import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.http_requests import (
+    BATCH_TYPE, SINGLE_IMAGE_TYPES, RequestError, decode_batch_json, multipart_file, read_body, require_media_type,
+)
 from cluster.metrics import GaugeKeeper
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
-    DEFAULT_MAX_IMAGE_PIXELS, InputError, checkpoint_id, decode_batch_json, decode_image, load_predictor,
-    media_type, multipart_file, predict_probs, resolve_checkpoint, top_k as top_classes,
+    DEFAULT_MAX_IMAGE_PIXELS, InputError, decode_image, load_predictor, predict_probs,
+    resolve_checkpoint, top_k as top_classes,
 )
 
 log = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "Classifier"
+IMPORT_PATH = "cluster.serve:app_builder"
 
-# Metric names as registered with ray.util.metrics. Ray's Prometheus exporter
-# adds the `ray_` prefix, and `_total` to counters: see PROMETHEUS_NAMES.
-REQUESTS_METRIC = "resnet_dist_serve_requests"                     # Counter, tags route, status
-LATENCY_METRIC = "resnet_dist_serve_request_latency_seconds"       # Histogram, tag route
-BATCH_SIZE_METRIC = "resnet_dist_serve_batch_size"                 # Histogram, images per model call
+# Requests, latency, errors, batch sizes and queues are Ray Serve's own metrics
+# (ray_serve_num_http_requests_total, ray_serve_http_request_latency_ms,
+# ray_serve_actual_batch_size, ray_serve_batch_queue_length, ...; k8s/grafana/metrics.yaml).
+# The project adds only what Serve cannot know: which model a replica serves. A
+# ray.serve.metrics Gauge, so it carries Serve's deployment/replica/application labels.
+# Ray's Prometheus exporter adds the `ray_` prefix: see PROMETHEUS_NAMES.
 MODEL_INFO_METRIC = "resnet_dist_serve_model_info"                 # Gauge = 1, tags version, flavor
-PROMETHEUS_NAMES = {
-    REQUESTS_METRIC: f"ray_{REQUESTS_METRIC}_total",
-    LATENCY_METRIC: f"ray_{LATENCY_METRIC}",
-    BATCH_SIZE_METRIC: f"ray_{BATCH_SIZE_METRIC}",
-    MODEL_INFO_METRIC: f"ray_{MODEL_INFO_METRIC}",
-}
-LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+PROMETHEUS_NAMES = {MODEL_INFO_METRIC: f"ray_{MODEL_INFO_METRIC}"}
 
-SINGLE_IMAGE_TYPES = ("application/octet-stream", "image/png", "image/jpeg", "multipart/form-data")
 LIVE_FIELDS = ("max_batch_size", "batch_wait_timeout_s")            # user_config: changed without restart
-SCALING_FIELDS = ("replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests")
+# Set by `deploy` as Serve deployment options, outside the application's args, so a change
+# is applied to the running replicas (more or fewer of them), not by replacing them.
+# (max_ongoing_requests is not one: the replicas check max_batch_size against it.)
+SCALING_FIELDS = ("replicas", "max_replicas", "target_ongoing_requests")
 
 
 @dataclass(frozen=True)
@@ -146,6 +144,12 @@ def _error(status: int, message: str) -> JSONResponse:
 
 @app.exception_handler(InputError)
 async def _input_error(request: Request, e: InputError) -> JSONResponse:
+    # The image itself is not acceptable (resnet_dist.inference.decode_image): the client's fault.
+    return _error(400, str(e))
+
+
+@app.exception_handler(RequestError)
+async def _request_error(request: Request, e: RequestError) -> JSONResponse:
     return _error(e.status, str(e))
 
 
@@ -161,57 +165,13 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 
 
 @app.middleware("http")
-async def _count_and_time(request: Request, call_next):
-    """Count every response by route and status and time it; turn crashes into a JSON 500."""
-    start = time.perf_counter()
+async def _json_500(request: Request, call_next):
+    """Turn crashes into a one-line JSON 500 (Serve counts and times every response itself)."""
     try:
-        response = await call_next(request)
+        return await call_next(request)
     except Exception:   # a bug, not bad input: log it, keep serving
         log.exception("unhandled error in %s", request.url.path)
-        response = _error(500, "internal server error")
-    route = getattr(request.scope.get("route"), "path", "unmatched")   # the template, not the raw path
-    metrics: ServeMetrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.requests.inc(1, tags={"route": route, "status": str(response.status_code)})
-        metrics.latency.observe(time.perf_counter() - start, tags={"route": route})
-    return response
-
-
-@dataclass(frozen=True, eq=False)
-class ServeMetrics:
-    requests: Counter
-    latency: Histogram
-    batch_size: Histogram
-    model_info: Gauge
-
-    @classmethod
-    def create(cls) -> "ServeMetrics":
-        return cls(
-            Counter(REQUESTS_METRIC, description="HTTP requests by route and status code", tag_keys=("route", "status")),
-            Histogram(LATENCY_METRIC, description="request latency in the replica, s",
-                      boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route",)),
-            Histogram(BATCH_SIZE_METRIC, description="images per model call", boundaries=BATCH_SIZE_BOUNDARIES),
-            Gauge(MODEL_INFO_METRIC, description="1 for the model being served", tag_keys=("version", "flavor")),
-        )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it exceeds `limit` bytes (declared or actual)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InputError("invalid Content-Length header")
-        if int(declared) > limit:
-            raise InputError(f"body of {declared} bytes exceeds the limit of {limit} bytes", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(f"body exceeds the limit of {limit} bytes", status=413)
-        chunks.append(chunk)
-    if not size:
-        raise InputError("empty body")
-    return b"".join(chunks)
+        return _error(500, "internal server error")
 
 
 SINGLE_BODY_DOC = {
@@ -227,13 +187,18 @@ SINGLE_BODY_DOC = {
 BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {
+        "content": {BATCH_TYPE: {"schema": {
             "type": "object", "required": ["images"],
             "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"},
                                       "description": "base64 PNG/JPEG images (at most max_batch_images)"}},
         }}},
     }
 }
+
+
+def model_info_gauge() -> Gauge:
+    """The one metric of the project's own: 1 for the model a replica serves (its version and flavor)."""
+    return Gauge(MODEL_INFO_METRIC, description="1 for the model being served", tag_keys=("version", "flavor"))
 
 
 TOP_K_QUERY = Query(None, ge=1, le=1000, description="classes per image (default: the server's top_k)")
@@ -249,22 +214,24 @@ class Classifier:
         torch.set_num_threads(cfg.torch_threads)   # replicas share the node's cores
         self.cfg = cfg
         self.predictor = load_predictor(cfg.checkpoint)
-        self.metrics = ServeMetrics.create()
-        app.state.metrics = self.metrics
+        # What the batcher was last set to (reported by /v1/model). Kept here because the
+        # @serve.batch wrapper has public setters but no public getters.
+        self.batching = cfg.user_config()
+        self.model_info = model_info_gauge()
         # Kept set: Ray drops a gauge that is not set again within ~20 s (cluster/metrics.py).
         self.gauges = GaugeKeeper()
-        self.gauges.set(self.metrics.model_info, 1, {"version": self.predictor.version,
-                                                     "flavor": self.predictor.ckpt["model_config"]["flavor"]})
+        self.gauges.set(self.model_info, 1, {"version": self.predictor.version,
+                                             "flavor": self.predictor.ckpt["model_config"]["flavor"]})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         live = self.cfg.merged_user_config(user_config)
         self.predict_batch.set_max_batch_size(live["max_batch_size"])
         self.predict_batch.set_batch_wait_timeout_s(live["batch_wait_timeout_s"])
+        self.batching = live
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)   # overridden by reconfigure
     async def predict_batch(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, int]]:
         """One model call for the images queued together: (class probabilities, batch size) per image."""
-        self.metrics.batch_size.observe(len(images))
         # In a thread: the event loop keeps accepting and decoding requests while the model runs.
         probs = await asyncio.to_thread(predict_probs, self.predictor, np.stack(images))
         return [(row, len(images)) for row in probs]
@@ -279,11 +246,9 @@ class Classifier:
               summary="Classify one PNG/JPEG image (raw body or multipart field `file`)")
     async def predict(self, request: Request, top_k: int | None = TOP_K_QUERY) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "")
-        if media_type(content_type) not in SINGLE_IMAGE_TYPES:
-            raise InputError(f"unsupported content type {media_type(content_type) or '(none)'!r}; "
-                             f"use one of {', '.join(SINGLE_IMAGE_TYPES)}", status=415)
-        body = await _read_body(request, self.cfg.max_body_bytes)
-        if media_type(content_type) == "multipart/form-data":
+        kind = require_media_type(content_type, SINGLE_IMAGE_TYPES)
+        body = await read_body(request, self.cfg.max_body_bytes)
+        if kind == "multipart/form-data":
             body = multipart_file(body, content_type)
         probs, batch = await self.predict_batch(self._decode(body))
         return {"predictions": self._top(probs, top_k), "model_version": self.predictor.version, "batch_size": batch}
@@ -291,26 +256,23 @@ class Classifier:
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY_DOC,
               summary='Classify several images: {"images": [base64 PNG/JPEG, ...]}')
     async def predict_many(self, request: Request, top_k: int | None = TOP_K_QUERY) -> dict[str, Any]:
-        if media_type(request.headers.get("content-type")) != "application/json":
-            raise InputError("unsupported content type; use application/json", status=415)
-        raw = decode_batch_json(await _read_body(request, self.cfg.max_body_bytes), self.cfg.max_batch_images)
+        require_media_type(request.headers.get("content-type"), (BATCH_TYPE,))
+        raw = decode_batch_json(await read_body(request, self.cfg.max_body_bytes), self.cfg.max_batch_images)
         images = []
         for i, data in enumerate(raw):
             try:
                 images.append(self._decode(data))
-            except InputError as e:
-                raise InputError(f"images[{i}]: {e}", e.status) from None
+            except InputError as e:   # name the culprit; still the image's fault, so a 400
+                raise RequestError(f"images[{i}]: {e}") from None
         results = await asyncio.gather(*(self.predict_batch(x) for x in images))
         return {"predictions": [self._top(p, top_k) for p, _ in results], "model_version": self.predictor.version,
                 "batch_sizes": [b for _, b in results]}
 
     @app.get("/v1/model", summary="The model being served and the current batching settings")
     async def model(self) -> dict[str, Any]:
-        return {**self.predictor.info(), "batching": {
-            "max_batch_size": self.predict_batch._get_max_batch_size(),
-            "batch_wait_timeout_s": self.predict_batch._get_batch_wait_timeout_s(),
-        }, "limits": {"max_body_bytes": self.cfg.max_body_bytes, "max_batch_images": self.cfg.max_batch_images,
-                      "max_image_pixels": self.cfg.max_image_pixels, "top_k": self.cfg.top_k}}
+        return {**self.predictor.info(), "batching": dict(self.batching),
+                "limits": {"max_body_bytes": self.cfg.max_body_bytes, "max_batch_images": self.cfg.max_batch_images,
+                           "max_image_pixels": self.cfg.max_image_pixels, "top_k": self.cfg.top_k}}
 
     @app.get("/healthz", summary="Liveness and readiness (the model is loaded)")
     async def healthz(self) -> dict[str, Any]:
@@ -322,31 +284,37 @@ class Classifier:
 # --------------------------------------------------------------------------- deployment
 
 
+def resolved(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` validated, its checkpoint resolved to an absolute file path."""
+    return dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint).resolve())).validated()
+
+
 def build_app(cfg: ServeConfig):
-    """The bound Serve application for `cfg`, its checkpoint resolved to an absolute file path."""
-    cfg = dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint).resolve())).validated()
-    autoscale = cfg.max_replicas > cfg.replicas
+    """The bound Serve application for `cfg` (what `app_builder` returns to Serve)."""
+    cfg = resolved(cfg)
     deployment = Classifier.options(
-        num_replicas=None if autoscale else cfg.replicas,
-        autoscaling_config={"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": cfg.target_ongoing_requests} if autoscale else None,
+        **scaling_options(cfg),
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         user_config=cfg.user_config(),
         logging_config={"enable_access_log": cfg.access_log},
     )
-    # serve.run gives every deploy a random code version, which replaces all
-    # replicas. Pinning the version to a hash of everything but the live and
-    # scaling fields (as Serve's config-file deploys do, via the private
-    # `_internal` flag) makes a batching-only change a reconfigure() call.
-    heavy = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LIVE_FIELDS + SCALING_FIELDS}
-    version = hashlib.sha256(json.dumps({**heavy, "checkpoint_id": checkpoint_id(cfg.checkpoint)},
-                                        sort_keys=True).encode()).hexdigest()[:16]
-    return deployment.options(version=version, _internal=True).bind(cfg)
+    return deployment.bind(cfg)
+
+
+def scaling_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's replica-count options for `cfg`: a fixed count, or autoscaling between replicas and max_replicas."""
+    if cfg.max_replicas > cfg.replicas:
+        return {"num_replicas": None, "autoscaling_config": {
+            "min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests}}
+    return {"num_replicas": cfg.replicas, "autoscaling_config": None}
 
 
 # Fields that only `deploy` uses; a Serve config file sets them itself (http_options, route_prefix, name).
 DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix")
+# An app_builder argument that is not a ServeConfig field: see application_config.
+CHECKPOINT_ID_ARG = "checkpoint_id"
 
 
 def app_builder(args: dict):
@@ -358,24 +326,20 @@ def app_builder(args: dict):
     (`args: dict`, not `dict[str, Any]`: Serve checks whether the annotation is a
     pydantic model, which a generic alias breaks on Python 3.10.)
     """
+    args = dict(args)
+    # Only part of the code version Serve derives from the args (see application_config).
+    args.pop(CHECKPOINT_ID_ARG, None)
     allowed = [f.name for f in dataclasses.fields(ServeConfig) if f.name not in DEPLOY_ONLY_FIELDS]
     unknown = sorted(set(args) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown serve argument(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     if "checkpoint" not in args:
         raise ConfigError("serve arguments need `checkpoint` (a checkpoint file, run dir or sweep dir)")
-    return build_app(ServeConfig(**args))
+    cfg = ServeConfig(**args)
+    if "max_batch_size" not in args:
+        # The batching settings normally come from the config's user_config (`deploy` never
+        # puts them in args): the built-in default only has to pass validation, also next
+        # to a max_ongoing_requests below it.
+        cfg = dataclasses.replace(cfg, max_batch_size=min(cfg.max_batch_size, cfg.max_ongoing_requests))
+    return build_app(cfg)
 
-
-def deploy(cfg: ServeConfig) -> str:
-    """Run (or update in place) the application on the current Ray connection; returns its base URL.
-
-    The checkpoint path must be readable at the same path on every node that runs a replica.
-    """
-    application = build_app(cfg)   # validates and resolves before anything starts
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(application, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
-    # HTTP options are cluster-wide and fixed by the first serve.start: report the proxy actually running.
-    http = serve.context._get_global_client().http_config
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-    return f"http://{host}:{http.port}{cfg.route_prefix.rstrip('/')}"

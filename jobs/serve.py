@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         load_checkpoint(resolve_checkpoint(args.checkpoint))   # fail fast, before Ray starts
-        from cluster.serve import ServeConfig, deploy
+        from cluster.serve import ServeConfig
+        from cluster.serve_deploy import deploy
 
         cfg = ServeConfig(
             checkpoint=args.checkpoint, replicas=args.replicas, max_replicas=args.max_replicas,

@@ -1,11 +1,13 @@
-"""Inference without Ray: request decoding/validation, batched top-k prediction, checkpoint lookup.
+"""Inference without Ray or HTTP: image decoding/validation, batched top-k prediction, checkpoint lookup.
 
-Request images are PNG or JPEG bytes. Their declared size is checked from the
+Images are PNG or JPEG bytes. Their declared size is checked from the
 header before any pixel is decoded (a tiny PNG can claim 20000x20000 and
 expand to 1.2 GB), then they are converted to RGB and, when not already the
 model's input size, resized to it with PIL bicubic -- the same policy as
 `prepare_data.py --resize`: the aspect ratio is not kept, an alpha channel
-is dropped (not composited).
+is dropped (not composited). How a request carries the image (media types,
+multipart, JSON batches, body limits, status codes) is the server's business:
+cluster/http_requests.py.
 
 Prediction uses the checkpoint's mean/std and `predict_logits` WITHOUT flip
 test-time augmentation (`FLIP_TTA = False`): one forward pass per image.
@@ -14,13 +16,8 @@ Offline evaluation that should match the server must use `flip_tta=False` too.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.parser
-import email.policy
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from resnet_dist.augment import normalize
-from resnet_dist.checkpoint import SERVING_ORDER, CheckpointError, load_model
+from resnet_dist.checkpoint import SERVING_ORDER, load_model
 from resnet_dist.checkpoint import resolve_checkpoint as _resolve
 from resnet_dist.config import RunConfig
 from resnet_dist.constants import IMAGE_SIZE
@@ -45,18 +42,14 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096   # declared width*height above this is r
 
 
 class InputError(ValueError):
-    """A request that must not reach the model; `status` is the HTTP code to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+    """Image bytes that must not reach the model (not a PNG/JPEG, corrupt, too many pixels)."""
 
 
-# --------------------------------------------------------------------------- request decoding
+# --------------------------------------------------------------------------- image decoding
 
 
 def decode_image(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (size, size, 3); InputError (400) for anything else.
+    """PNG/JPEG bytes -> uint8 (size, size, 3); InputError for anything else.
 
     The declared width x height is checked from the header, before decoding.
     """
@@ -82,48 +75,6 @@ def decode_image(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
-
-
-def media_type(content_type: str | None) -> str:
-    """`image/png; charset=x` -> `image/png` (lower case; '' when absent)."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def multipart_file(body: bytes, content_type: str, field: str = "file") -> bytes:
-    """The bytes of form field `field` in a multipart/form-data body; InputError (400) if absent."""
-    # The stdlib MIME parser reads multipart/form-data once it is given the header with the boundary.
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart() or msg.defects:
-        raise InputError("malformed multipart/form-data body")
-    for part in msg.iter_parts():
-        if part.get_param("name", header="content-disposition") == field:
-            return part.get_payload(decode=True) or b""
-    raise InputError(f"multipart/form-data body has no field {field!r}")
-
-
-def decode_batch_json(body: bytes, max_images: int) -> list[bytes]:
-    """`{"images": [base64, ...]}` -> raw image bytes; 400 if malformed, 413 if over `max_images`."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InputError("malformed JSON body") from None
-    except RecursionError:   # [[[[...]]]] nested past Python's recursion limit: not an image list
-        raise InputError("malformed JSON body (nested too deeply)") from None
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-        raise InputError('body must be {"images": [base64 strings]}')
-    if not images:
-        raise InputError("no images given")
-    if len(images) > max_images:
-        raise InputError(f"too many images: {len(images)} > {max_images}", status=413)
-    out = []
-    for i, s in enumerate(images):
-        try:
-            out.append(base64.b64decode(s, validate=True))
-        except (binascii.Error, ValueError):
-            raise InputError(f"images[{i}]: malformed base64") from None
-    return out
 
 
 # --------------------------------------------------------------------------- prediction

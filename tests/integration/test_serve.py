@@ -4,9 +4,12 @@ gets its documented 4xx without hurting the server, batching is reconfigured liv
 from __future__ import annotations
 
 import base64
-import json
 import dataclasses
 import io
+import json
+import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,11 +22,9 @@ from PIL import Image
 
 from resnet_dist.augment import normalize
 from resnet_dist.checkpoint import load_model
-from resnet_dist.config import RunConfig
 from resnet_dist.parquet import read_split
 from resnet_dist.engine import Precision, predict_logits
 from resnet_dist.inference import checkpoint_id, resolve_checkpoint
-from resnet_dist.local import fit_local
 from tests.integration.conftest import free_port, missing_dashboard_series, scraped_names
 from tests.unit.test_serve_inputs import png_header_only
 
@@ -39,14 +40,18 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="module")
 def run_dir(real_cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model trained for one epoch on 2,000 real images (about 30 s on 2 cores)."""
-    cfg = RunConfig().replace(model={"flavor": "debug"},
-                              data={"data_dir": str(real_cifar_dir), "train_subset": 2000},
-                              train={"epochs": 1, "batch_size": 250})
+    """A small model trained for one epoch on 2,000 real images (about 30 s on 2 cores), by the
+    command a user runs (jobs/train.py --local), so this test does not hang on the trainer's internals."""
     out = tmp_path_factory.mktemp("serve_run")
-    fit_local(cfg, out)
+    run = subprocess.run([sys.executable, "jobs/train.py", "--local", "--model", "debug", "--data", str(real_cifar_dir),
+                          "--train-subset", "2000", "--epochs", "1", "--batch-size", "250", "--run-dir", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 
@@ -67,7 +72,8 @@ def offline_top1(run_dir: Path, test_images: np.ndarray) -> list[int]:
 def served(ray_driver, run_dir: Path):
     from ray import serve
 
-    from cluster.serve import ServeConfig, deploy
+    from cluster.serve import ServeConfig
+    from cluster.serve_deploy import deploy
 
     cfg = ServeConfig(checkpoint=str(run_dir), name="serve-test", num_cpus=1, threads=1,
                       max_batch_size=8, batch_wait_timeout_s=0.05, port=free_port(), access_log=False)
@@ -156,7 +162,7 @@ def test_model_health_and_docs(served, run_dir) -> None:
 
 
 def test_reconfigure_changes_batch_size_live(served, test_images) -> None:
-    from cluster.serve import deploy
+    from cluster.serve_deploy import deploy
 
     cfg, client = served
     replica = client.get("/healthz").json()["replica"]
@@ -171,22 +177,56 @@ def test_reconfigure_changes_batch_size_live(served, test_images) -> None:
         deploy(cfg)
 
 
-def test_metrics_reach_prometheus(served, ray_cluster) -> None:
-    from cluster.serve import BATCH_SIZE_METRIC, MODEL_INFO_METRIC, PROMETHEUS_NAMES, REQUESTS_METRIC
+def series(text: str, name: str, application: str | None = None) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each series `name` in a Prometheus text scrape (of one Serve application)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            body, value = line.split("{", 1)[1].rsplit("}", 1)
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))
+            if application is None or labels.get("application") == application:
+                out.append((labels, float(value.split()[0])))
+    return out
 
-    _, client = served
-    client.get("/healthz")
-    wanted = [PROMETHEUS_NAMES[REQUESTS_METRIC], PROMETHEUS_NAMES[BATCH_SIZE_METRIC] + "_bucket",
-              PROMETHEUS_NAMES[MODEL_INFO_METRIC]]
+
+def test_metrics_reach_prometheus(served, ray_cluster, run_dir, test_images) -> None:
+    """Serve's own request, latency, batch and queue metrics describe this app's traffic, and the
+    project's model info names the checkpoint served."""
+    from cluster.serve import MODEL_INFO_METRIC, PROMETHEUS_NAMES
+
+    cfg, client = served
+    # Traffic of its own, whichever tests ran before: concurrent (so batches form), one bad image, one too many.
+    with ThreadPoolExecutor(8) as pool:
+        assert {r.status_code for r in pool.map(lambda im: predict(client, png(im)), test_images[:32])} == {200}
+    assert predict(client, b"not an image").status_code == 400
+    assert client.post("/v1/predict/batch", json={"images": ["AAAA"] * 65}).status_code == 413
+    model_info = PROMETHEUS_NAMES[MODEL_INFO_METRIC]
+    mine = lambda text, name: series(text, name, cfg.name)   # noqa: E731
+
+    def ready(text: str) -> bool:
+        return (any(s["status_code"] == "400" for s, _ in mine(text, "ray_serve_num_http_requests_total"))
+                and bool(mine(text, "ray_serve_actual_batch_size_count")) and bool(mine(text, model_info)))
+
     deadline, text = time.monotonic() + 45, ""
-    while time.monotonic() < deadline:   # Ray exports metrics every few seconds
-        text = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
-        if all(name in text for name in wanted) and 'status="400"' in text:
-            break
+    while time.monotonic() < deadline and not ready(text):   # Ray exports metrics every few seconds
         time.sleep(2)
-    lines = [ln for ln in text.splitlines() if ln.startswith(PROMETHEUS_NAMES[REQUESTS_METRIC])]
-    assert any('route="/v1/predict"' in ln and 'status="200"' in ln for ln in lines), lines
-    assert any('status="400"' in ln for ln in lines), lines
-    assert all(name in text for name in wanted)
+        text = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
+    requests = {(s["route"], s["status_code"]): n for s, n in mine(text, "ray_serve_num_http_requests_total")}
+    # Route templates and real status codes, as the app answered them.
+    assert requests.get(("/v1/predict", "200"), 0) >= 32, requests
+    assert ("/v1/predict", "400") in requests and ("/v1/predict/batch", "413") in requests, requests
+    assert any(s["route"] == "/v1/predict" for s, _ in mine(text, "ray_serve_http_request_latency_ms_bucket"))
+    # Some model calls took more than one image (@serve.batch's own histogram).
+    (batches,) = [n for s, n in mine(text, "ray_serve_actual_batch_size_count")]
+    (single,) = [n for s, n in mine(text, "ray_serve_actual_batch_size_bucket") if float(s["le"]) == 1.0]
+    assert single < batches
+    assert mine(text, "ray_serve_batch_queue_length"), "Serve's batch queue gauge is missing"
+    ((info, value),) = mine(text, model_info)
+    assert value == 1 and info["flavor"] == "debug"
+    assert info["version"].startswith(checkpoint_id(resolve_checkpoint(run_dir)) + "+")
+    assert info["deployment"] == "Classifier" and info["replica"] == client.get("/healthz").json()["replica"]
+    # The project exports no copies of Serve's serving metrics any more.
+    names = scraped_names(ray_cluster.metrics_port)
+    assert [n for n in names if n.startswith("ray_resnet_dist_serve_")] == [model_info]
     # Every serving metric the Grafana dashboard queries is among them.
-    assert not missing_dashboard_series(scraped_names(ray_cluster.metrics_port), serve=True)
+    assert not missing_dashboard_series(names, serve=True)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -793,34 +794,86 @@ def test_every_ray_pod_exposes_the_metrics_port_prometheus_scrapes():
             assert annotations["prometheus.io/port"] == "8080" and annotations["prometheus.io/scrape"] == "true"
 
 
+SERVE_TAGS = ("deployment", "replica", "application")   # what ray.serve.metrics adds inside a replica
+
+
 def exported_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """name -> (kind, tag keys) of every metric the code creates (cluster/metrics.py, cluster/serve.py)."""
+    """name -> (kind, labels) of every metric the code creates (cluster/metrics.py, cluster/serve.py)."""
+    import ray.serve.metrics
     from ray.util.metrics import Counter, Gauge, Histogram
 
     from cluster.metrics import TrainMetrics
-    from cluster.serve import ServeMetrics
+    from cluster.serve import model_info_gauge
 
     kinds = {Gauge: "gauge", Counter: "counter", Histogram: "histogram"}
+    metrics = [*vars(TrainMetrics({})).values(), model_info_gauge()]
     out = {}
-    for holder in (TrainMetrics({}), ServeMetrics.create()):
-        for metric in vars(holder).values():
-            if type(metric) in kinds:
-                out[metric._name] = (kinds[type(metric)], tuple(metric._tag_keys))
+    for metric in metrics:
+        kind = next((k for cls, k in kinds.items() if isinstance(metric, cls)), None)
+        if kind is None:
+            continue
+        # Outside a replica (here) ray.serve.metrics adds no labels; in one, Serve's come first.
+        serve_tags = SERVE_TAGS if type(metric).__module__ == ray.serve.metrics.__name__ else ()
+        out[metric._name] = (kind, serve_tags + tuple(metric._tag_keys))
+    return out
+
+
+def ray_serve_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (kind, labels) of the metrics the installed Ray Serve registers, read from its source
+    (most are created deep inside the proxy, router and replicas, which need a running cluster)."""
+    import ray.serve
+
+    root = Path(ray.serve.__file__).parent
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    for path in sorted(root.rglob("*.py")):
+        if "tests" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        # Counter/Gauge/Histogram imported from ray.serve.metrics add Serve's labels.
+        serve_classes = {a.asname or a.name for n in ast.walk(tree)
+                         if isinstance(n, ast.ImportFrom) and n.module == "ray.serve.metrics" for a in n.names}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            kind = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[:1] + [k.value for k in node.keywords if k.arg == "name"]
+            if kind not in ("Counter", "Gauge", "Histogram") or not first:
+                continue
+            if isinstance(first[0], ast.Constant) and isinstance(first[0].value, str):
+                name = first[0].value
+            elif isinstance(first[0], ast.JoinedStr):   # f"serve_num_{protocol_name}_requests": HTTP's
+                name = "".join(v.value if isinstance(v, ast.Constant) else "http" for v in first[0].values)
+            else:
+                continue
+            tags = next((k.value for k in node.keywords if k.arg == "tag_keys"), None)
+            labels = {e.value for e in tags.elts} if isinstance(tags, ast.Tuple) else set()
+            if isinstance(func, ast.Name) and kind in serve_classes:
+                labels |= set(SERVE_TAGS)
+            out[name] = (kind.lower(), frozenset(labels))
     return out
 
 
 SERIES_SUFFIXES = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
 
 
-def test_metric_list_is_what_the_code_exports():
-    from cluster.serve import PROMETHEUS_NAMES
+def test_metric_list_is_what_the_code_and_ray_serve_export():
+    from cluster.serve import MODEL_INFO_METRIC, PROMETHEUS_NAMES
 
     listed = yaml.safe_load((K8S / "grafana" / "metrics.yaml").read_text())
     assert listed["prefix"] == "ray_"
-    exported = exported_metrics()
+    exported, serve = exported_metrics(), ray_serve_metrics()
+    assert len(serve) > 40, "the scan of Ray Serve's source found too few metrics to be trusted"
     for name, info in listed["metrics"].items():
-        assert name in exported, f"{name} is not a metric of cluster/metrics.py or cluster/serve.py"
-        assert exported[name] == (info["kind"], tuple(info["labels"])), name
+        if info.get("source") == "ray_serve":
+            assert name in serve, f"{name} is not a metric of the installed Ray Serve"
+            assert serve[name] == (info["kind"], frozenset(info["labels"])), name
+        else:
+            assert name in exported, f"{name} is not a metric of cluster/metrics.py or cluster/serve.py"
+            assert exported[name] == (info["kind"], tuple(info["labels"])), name
+    # Serving is measured by Serve: the project's only serving metric is what Serve cannot know.
+    assert [n for n in exported if "_serve_" in n] == [MODEL_INFO_METRIC]
+    assert MODEL_INFO_METRIC not in serve
     # cluster/serve.py's own table of scraped names follows the same rule.
     for name, scraped in PROMETHEUS_NAMES.items():
         kind = exported[name][0]
@@ -851,7 +904,7 @@ def test_dashboard_queries_only_exported_metrics_and_labels():
     assert used == set(listed), f"listed but not on the dashboard: {set(listed) - used}"
     titles = " | ".join(p["title"].lower() for p in panels)
     for wanted in ("training throughput", "data wait", "epoch time", "validation accuracy per trial", "request rate",
-                   "latency p50 / p99", "batch size", "error rate"):
+                   "latency p50 / p99", "batch size", "error rate", "queues", "model served"):
         assert wanted in titles, f"no dashboard panel for {wanted}"
     # Grafana's own structure: unique ids, a Prometheus query per target.
     ids = [p["id"] for p in dashboard["panels"]]

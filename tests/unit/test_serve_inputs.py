@@ -1,7 +1,10 @@
-"""Request decoding and validation for serving, checkpoint lookup, and top-k (no Ray)."""
+"""Serving inputs without Ray: image decoding (resnet_dist.inference), HTTP request parsing
+(cluster.http_requests), top-k, checkpoint lookup, and the application config `deploy` applies."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import base64
 import io
 import json
@@ -14,11 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_dist.checkpoint import CheckpointError
-from resnet_dist.inference import (
-    InputError, decode_batch_json, decode_image, media_type, multipart_file, resolve_checkpoint,
-    top_k,
+from starlette.requests import Request
+
+from cluster.http_requests import (
+    RequestError, decode_batch_json, media_type, multipart_file, read_body, require_media_type,
 )
+from resnet_dist.checkpoint import CheckpointError
+from resnet_dist.inference import InputError, decode_image, resolve_checkpoint, top_k
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def encode(img: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
@@ -65,16 +72,14 @@ def test_other_sizes_are_resized_bicubic() -> None:
     (b"hello, this is not an image", "not a PNG or JPEG"),
     (encode(Image.new("RGB", (8, 8)), "GIF"), "not a PNG or JPEG"),   # a real image, but not an accepted format
 ])
-def test_non_images_are_400(data: bytes, message: str) -> None:
-    with pytest.raises(InputError, match=message) as e:
+def test_non_images_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(InputError, match=message):
         decode_image(data)
-    assert e.value.status == 400
 
 
-def test_truncated_png_is_400(rgb32: np.ndarray) -> None:
-    with pytest.raises(InputError, match="corrupt image data") as e:
+def test_truncated_png_is_refused(rgb32: np.ndarray) -> None:
+    with pytest.raises(InputError, match="corrupt image data"):
         decode_image(encode(rgb32)[:60])
-    assert e.value.status == 400
 
 
 @pytest.mark.parametrize("side", [5000, 20000, 100000])
@@ -82,9 +87,8 @@ def test_decompression_bomb_is_refused_from_the_header(side: int, monkeypatch: p
     # .load() would decode side*side pixels; it must never be reached.
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda self: pytest.fail("decoded a bomb"))
-    with pytest.raises(InputError, match="image too large") as e:
+    with pytest.raises(InputError, match="image too large"):
         decode_image(png_header_only(side, side))
-    assert e.value.status == 400
 
 
 def test_pixel_limit_is_configurable(rgb32: np.ndarray) -> None:
@@ -95,6 +99,13 @@ def test_pixel_limit_is_configurable(rgb32: np.ndarray) -> None:
 def test_media_type() -> None:
     assert media_type("Image/PNG; charset=binary") == "image/png"
     assert media_type(None) == ""
+    assert require_media_type("image/png; x=y", ("image/png", "image/jpeg")) == "image/png"
+    for given, message in (("text/plain", "'text/plain'; use one of image/png, image/jpeg"), (None, r"'\(none\)'")):
+        with pytest.raises(RequestError, match=message) as e:
+            require_media_type(given, ("image/png", "image/jpeg"))
+        assert e.value.status == 415
+    with pytest.raises(RequestError, match="use application/json$"):
+        require_media_type("text/plain", ("application/json",))
 
 
 def test_multipart_file(rgb32: np.ndarray) -> None:
@@ -103,10 +114,11 @@ def test_multipart_file(rgb32: np.ndarray) -> None:
             b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--XyZ--\r\n")
     assert multipart_file(body, "multipart/form-data; boundary=XyZ") == png
-    with pytest.raises(InputError, match="no field 'file'"):
-        multipart_file(body.replace(b'name="file"', b'name="img"'), "multipart/form-data; boundary=XyZ")
-    with pytest.raises(InputError, match="malformed multipart"):
-        multipart_file(b"garbage", "multipart/form-data")
+    for args, message in (((body.replace(b'name="file"', b'name="img"'), "multipart/form-data; boundary=XyZ"),
+                           "no field 'file'"), ((b"garbage", "multipart/form-data"), "malformed multipart")):
+        with pytest.raises(RequestError, match=message) as e:
+            multipart_file(*args)
+        assert e.value.status == 400
 
 
 def test_batch_json(rgb32: np.ndarray) -> None:
@@ -123,7 +135,7 @@ def test_batch_json(rgb32: np.ndarray) -> None:
         (json.dumps({"images": [b64] * 5}).encode(), 413, "too many images: 5 > 4"),
     ]
     for body, status, message in cases:
-        with pytest.raises(InputError, match=message) as e:
+        with pytest.raises(RequestError, match=message) as e:
             decode_batch_json(body, 4)
         assert e.value.status == status
 
@@ -162,7 +174,7 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash():
-    with pytest.raises(InputError) as err:
+    with pytest.raises(RequestError) as err:
         decode_batch_json(b"[" * 100_000 + b"]" * 100_000, 64)
     assert err.value.status == 400 and "nested too deeply" in str(err.value)
 
@@ -180,3 +192,123 @@ def test_a_partial_user_config_keeps_the_other_defaults_and_bad_ones_are_one_lin
         with pytest.raises(ConfigError, match=message) as err:
             cfg.merged_user_config(bad)
         assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def body_request(chunks: list[bytes], headers: dict[str, str]) -> Request:
+    """A Starlette request fed by an ASGI receive channel that delivers `chunks` (how the server reads bodies)."""
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    messages = messages or [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return Request(scope, receive)
+
+
+@pytest.mark.parametrize("chunks, headers, status, message", [
+    ([b"x" * 11], {"content-length": "11"}, 413, "body of 11 bytes exceeds the limit of 10 bytes"),
+    ([b"x"], {"content-length": "ten"}, 400, "invalid Content-Length"),
+    ([b"x" * 6, b"x" * 6], {}, 413, "body exceeds the limit of 10 bytes"),   # chunked: counted while read
+    ([], {}, 400, "empty body"),
+])
+def test_read_body_limits(chunks, headers, status, message) -> None:
+    with pytest.raises(RequestError, match=message) as e:
+        asyncio.run(read_body(body_request(chunks, headers), limit=10))
+    assert e.value.status == status
+
+
+def test_read_body_joins_chunks_up_to_the_limit() -> None:
+    assert asyncio.run(read_body(body_request([b"abcde", b"fghij"], {}), limit=10)) == b"abcdefghij"
+
+
+def test_resnet_dist_knows_nothing_of_http_or_ray() -> None:
+    """resnet_dist imports no web framework or Ray, and inference holds no HTTP status codes."""
+    banned = {"fastapi", "starlette", "ray", "httpx", "aiohttp"}
+    for path in sorted((REPO / "resnet_dist").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+    tree = ast.parse((REPO / "resnet_dist" / "inference.py").read_text())
+    codes = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int
+             and 400 <= n.value < 600]
+    assert not codes, f"HTTP status codes in resnet_dist/inference.py: {codes}"
+    assert not any(isinstance(n, ast.Attribute) and n.attr == "status" for n in ast.walk(tree))
+
+
+# --------------------------------------------------------------------------- what deploy applies
+
+
+@pytest.fixture
+def checkpoint_file(tmp_path: Path) -> Path:
+    f = tmp_path / "run" / "best.pt"
+    f.parent.mkdir()
+    f.write_bytes(b"weights v1")   # nothing is loaded before a replica starts
+    return f
+
+
+def serve_config_file(*apps: dict):
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate({"applications": list(apps)})
+
+
+def test_deploy_applies_a_valid_serve_config_whose_code_version_ignores_batching_and_scaling(checkpoint_file):
+    """`deploy` reconfigures instead of replacing replicas exactly when Serve's code version of
+    the config-file application (import path, runtime_env, args) stays the same."""
+    import dataclasses
+
+    from ray.serve._private.deploy_utils import get_app_code_version   # Serve's own rule, to check against
+
+    from cluster.serve import DEPLOYMENT_NAME, IMPORT_PATH, LIVE_FIELDS, ServeConfig
+    from cluster.serve_deploy import application_config
+
+    cfg = ServeConfig(checkpoint=str(checkpoint_file.parent), name="clf", route_prefix="/clf")
+    base = application_config(cfg)
+    (app,) = serve_config_file(base).applications
+    assert app.import_path == IMPORT_PATH and app.name == "clf" and app.route_prefix == "/clf"
+    assert app.args["checkpoint"] == str(checkpoint_file.resolve())   # resolved: replicas may run elsewhere
+    (dep,) = app.deployments
+    assert dep.name == DEPLOYMENT_NAME and set(dep.user_config) == set(LIVE_FIELDS)
+    assert dep.num_replicas == 1
+
+    def version(c: ServeConfig) -> str:
+        (a,) = serve_config_file(application_config(c)).applications
+        return get_app_code_version(a)
+
+    live = dataclasses.replace(cfg, max_batch_size=2, batch_wait_timeout_s=0.2)
+    assert version(live) == version(dataclasses.replace(cfg, replicas=3)) == version(cfg)
+    scaled = dataclasses.replace(cfg, replicas=2, max_replicas=4, target_ongoing_requests=4)
+    # Turning autoscaling on or off is a new code version to Serve (it hashes the autoscaling
+    # policy); changing its bounds is not.
+    assert version(scaled) == version(dataclasses.replace(scaled, replicas=1, max_replicas=8))
+    assert application_config(live)["deployments"][0]["user_config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.2}
+    auto = serve_config_file(application_config(scaled)).applications[0].deployments[0]
+    assert auto.autoscaling_config == {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 4}
+    for heavy in (dataclasses.replace(cfg, threads=2), dataclasses.replace(cfg, max_ongoing_requests=32),
+                  dataclasses.replace(cfg, top_k=3)):
+        assert version(heavy) != version(cfg)
+    before = version(cfg)
+    checkpoint_file.write_bytes(b"weights v2")   # a new model at the same path replaces the replicas
+    assert version(cfg) != before
+    # The job's runtime_env (a submitted job's working_dir) goes with it, so replicas import this code.
+    env = {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}
+    assert serve_config_file(application_config(cfg, env)).applications[0].runtime_env == env
+
+
+def test_app_builder_builds_what_deploy_applies(checkpoint_file):
+    from cluster.serve import ServeConfig, app_builder
+    from cluster.serve_deploy import application_config
+
+    for cfg in (ServeConfig(checkpoint=str(checkpoint_file)),
+                # A max_ongoing_requests under the default batch size: the default must not fail
+                # validation, since the real batch size arrives in the user_config.
+                ServeConfig(checkpoint=str(checkpoint_file), max_ongoing_requests=8, max_batch_size=8)):
+        bound = app_builder(application_config(cfg)["args"])
+        assert type(bound).__name__ == "Application"
