@@ -1,8 +1,9 @@
 """Ray Data pipeline: Parquet shards -> decoded, augmented, normalised batches.
 
-Ray Train splits every dataset passed as `datasets=` across its workers
+The pipeline data path: Ray Train splits the train dataset across its workers
 (`streaming_split(equal=True)`), and each epoch re-executes the pipeline, so
-the file order and the augmentation are fresh every epoch.
+the file order and the augmentation are fresh every epoch. (The device path reads the
+shards straight into memory and augments there: resnet_dist.local.train_loader.)
 """
 
 from __future__ import annotations
@@ -19,39 +20,35 @@ from resnet_dist.parquet import decode_images, split_files
 
 
 def read_split(data_dir: str, split: str | Sequence[str], limit: int = 0,
-               shuffle_files: bool = True, seed: int | None = None) -> ray.data.Dataset:
+               seed: int | None = None) -> ray.data.Dataset:
     """A split's Parquet shards as a Ray Dataset of raw rows (image: H*W*3 bytes, label).
 
     The train split is read in a new random file order each epoch ("files"
     shuffle); rows were already shuffled once at conversion, and a local shuffle
     buffer in the iterator mixes across shard boundaries. This costs nothing
-    next to a full `random_shuffle` (see docs/benchmarks.md). `shuffle_files=False` keeps the
-    file order: the device path reads its shard once and shuffles it itself, seeded, as the
-    local loop does. `seed` makes the file order of every epoch reproducible (each epoch's
+    next to a full `random_shuffle` (see docs/benchmarks.md). `seed` makes the file order of every epoch reproducible (each epoch's
     differs: Ray Data reseeds per execution).
     """
     splits = [split] if isinstance(split, str) else list(split)
     files = [f for s in splits for f in split_files(data_dir, s)]
-    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle=ray.data.FileShuffleConfig(seed=seed) if "train" in splits and shuffle_files else None)
+    shuffle = ray.data.FileShuffleConfig(seed=seed) if "train" in splits else None
+    ds = ray.data.read_parquet(files, columns=["image", "label"], shuffle=shuffle)
     return ds.limit(limit) if limit else ds
 
 
 class _Transform:
-    """map_batches callable: raw rows -> float32 NCHW `x` and int64 `y`
-    (`raw=True`: uint8 NHWC `x`, for workers that augment on their device)."""
+    """map_batches callable: raw rows -> float32 NCHW `x` (augmented when `data` is given,
+    else normalised only) and int64 `y`."""
 
     def __init__(self, image_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 data: DataConfig | None, raw: bool = False) -> None:
+                 data: DataConfig | None) -> None:
         self.image_shape, self.mean, self.std, self.data = tuple(image_shape), tuple(mean), tuple(std), data
-        self.raw = raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray Data (2.60) hands the fixed_size_binary column over as an object array of bytes;
         # joining them costs ~1.6 ms per 500 images on this project's CPU VM.
         images = decode_images(batch["image"], self.image_shape)
-        if self.raw:
-            x = images
-        elif self.data is None:
+        if self.data is None:
             x = normalize(images, self.mean, self.std)
         else:
             d = self.data
@@ -62,18 +59,17 @@ class _Transform:
 
 
 def build_datasets(data_dir: str, manifest: dict[str, Any], data: DataConfig,
-                   splits: Sequence[str] = ("train", "val"), raw_train: bool = False,
+                   splits: Sequence[str] = ("train", "val"),
                    train_splits: Sequence[str] = ("train",), seed: int | None = None) -> dict[str, ray.data.Dataset]:
-    """The datasets for a TorchTrainer: "train" (the union of `train_splits`)
-    augmented, or raw uint8 with `raw_train` for the device-side path; the others
-    normalised only."""
+    """Ray Datasets of the pipeline data path: "train" (the union of `train_splits`, read in a
+    seeded random file order) augmented every epoch; the others normalised only. (The device
+    path and every worker's val read the shards directly: resnet_dist.local.)"""
     out = {}
     for split in splits:
         train = split == "train"
         ds = read_split(data_dir, tuple(train_splits) if train else split, data.train_subset if train else 0,
-                        shuffle_files=not raw_train, seed=seed)
-        fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None,
-                        raw=train and raw_train)
+                        seed=seed)
+        fn = _Transform(manifest["image_shape"], manifest["mean"], manifest["std"], data if train else None)
         # A plain function keeps the work in short tasks; batch 500 images = 1.5 MB raw, 6 MB out.
         out[split] = ds.map_batches(fn, batch_format="numpy", batch_size=500)
     return out
@@ -92,14 +88,3 @@ def torch_batches(shard: Any, batch_size: int, train: bool, device: torch.device
         local_shuffle_seed=shuffle_seed if train else None,
     ):
         yield b["x"], b["y"]
-
-
-def materialize(shard: Any, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A worker's whole shard as two tensors on `device`, read once: the raw uint8 train
-    shard, augmented on the device every epoch (resnet_dist.loader.ArrayLoader), or the
-    normalised val shard, evaluated every epoch without running Ray Data again."""
-    xs, ys = [], []
-    for b in shard.iter_torch_batches(batch_size=5000, device=device):
-        xs.append(b["x"])
-        ys.append(b["y"])
-    return torch.cat(xs), torch.cat(ys)

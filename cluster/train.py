@@ -20,15 +20,14 @@ import ray.train
 import ray.train.torch
 import torch
 
-from cluster.data import build_datasets, materialize, torch_batches
+from cluster.data import build_datasets, torch_batches
 from cluster.metrics import TrainMetrics
 from cluster.progress import fit_streaming
 from cluster.resources import Resources
 from cluster.tracking import Tracker, TrackerSink, TrackingConfig
 from resnet_dist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, RunConfig
-from resnet_dist.loader import ArrayLoader
-from resnet_dist.local import loader_seed
+from resnet_dist.local import loader_seed, train_loader, val_loader
 from resnet_dist.spec import RunSpec
 from resnet_dist.training import Position, Sink, Sinks, build_state, restore_training, run_loop
 
@@ -98,30 +97,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    per_worker_batch = cfg.train.batch_size // world
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    # Val is not split by Ray (`equal=True` would drop up to world - 1 images): every worker
-    # reads it whole, once, and evaluates every world-th image, so each image counts once.
-    # 5,000 normalised images = 61 MB of float32; evaluating them from memory at every report
-    # also spares seconds of Ray Data task start-up on a small node.
-    vx, vy = materialize(val_shard, device)
-    val = list(zip(vx[rank::world].split(cfg.train.eval_batch_size), vy[rank::world].split(cfg.train.eval_batch_size)))
-
-    def val_batches():
-        return val
-
+    # Val is read by every worker straight from its Parquet shards (it is small, and Ray Data
+    # would cost seconds of start-up in every trial); each evaluates every world-th image.
+    val = val_loader(spec, device, rank, world)
     if job.data_path == "device":
-        images, labels = materialize(train_shard, device)
-        loader = ArrayLoader(images, labels, per_worker_batch, spec.mean, spec.std, data=cfg.data, train=True,
-                             seed=loader_seed(cfg.train.seed, rank))
+        # Each worker reads its equal share of train once, straight from the shards, and
+        # augments it on its device every epoch: the local run's batches (the parity tests).
+        loader = train_loader(spec, device, rank, world)
         steps = len(loader)
 
         def train_batches(epoch: int):
             loader.set_epoch(epoch)
             return loader
     else:
-        # streaming_split(equal=True) gives each worker train_images // world rows.
+        # Ray Data reads, splits (streaming_split(equal=True): train_images // world rows each)
+        # and augments train every epoch.
+        train_shard = ray.train.get_dataset_shard("train")
+        per_worker_batch = cfg.train.batch_size // world
         steps = (spec.train_images // world) // per_worker_batch
 
         def train_batches(epoch: int):
@@ -142,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink = Sinks(RaySink(rank), MetricsSink(TrainMetrics({**job.tags, "rank": str(rank)})),
                  TrackerSink(tracker) if tracker else None)
     try:
-        run_loop(state, spec, train_batches, val_batches, sink, steps, start, history)
+        run_loop(state, spec, train_batches, lambda: val, sink, steps, start, history)
     finally:
         sink.close()
 
@@ -167,18 +159,18 @@ def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, 
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)   # a user's own setting wins
     spec = job.spec
-    device_path = job.data_path == "device"
-    ingest = ray.train.DataConfig.default_ingest_options()
-    # The device path reads each shard once, in file order, and shuffles it with a seeded
-    # permutation: the same batches as the local loop (the parity tests hold the two to it).
-    ingest.preserve_order = device_path
+    # Ray Data feeds the pipeline path only (train: read, split across the workers, augmented
+    # every epoch). The device path's workers read their shares straight from the Parquet
+    # shards (resnet_dist.local.train_loader), as every worker reads val: a Ray Data read of
+    # a data set that fits in memory costs ~25 s of task and actor start-up per trial on 2
+    # cores (docs/benchmarks.md) and buys nothing when the augmentation runs on the device.
+    pipeline = job.data_path == "pipeline"
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
-        datasets=build_datasets(spec.run.data.data_dir, spec.manifest(), spec.run.data, raw_train=device_path,
-                                train_splits=spec.train_splits, seed=spec.run.train.seed),
-        # Only train is split; each worker takes its share of val itself (train_loop_per_worker).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        datasets=build_datasets(spec.run.data.data_dir, spec.manifest(), spec.run.data, splits=("train",),
+                                train_splits=spec.train_splits, seed=spec.run.train.seed) if pipeline else None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if pipeline else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker},
         ),

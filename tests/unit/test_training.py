@@ -88,3 +88,22 @@ def test_train_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and "optim.lr" in err
     code, err = run("--model", "resnet7", "--data", str(tmp_path))
     assert code == 2 and "resnet7" in err
+
+
+def test_each_rank_of_the_device_path_reads_an_equal_disjoint_share(tiny_data_dir):
+    from resnet_dist.data import read_manifest
+    from resnet_dist.local import train_loader, val_loader
+    from resnet_dist.spec import RunSpec
+
+    cfg = RunConfig().replace(data={"data_dir": str(tiny_data_dir)}, train={"batch_size": 32})
+    spec = RunSpec.from_manifest(cfg, read_manifest(tiny_data_dir))
+    whole = train_loader(spec, "cpu")
+    shares = [train_loader(spec, "cpu", rank, 2) for rank in (0, 1)]
+    n = spec.train_images   # 199: one image left out of the two equal shares
+    assert [len(s.labels) for s in shares] == [n // 2] * 2 and len(whole.labels) == n
+    assert torch.equal(torch.cat([s.images for s in shares]), whole.images[: n - n % 2])
+    assert all(s.batch_size == 16 for s in shares) and len(shares[0]) == len(shares[1])
+    assert shares[0].seed != shares[1].seed   # each rank its own shuffle and augmentation draws
+    # Val: every world-th image, all of them counted once over the ranks.
+    vals = [val_loader(spec, "cpu", rank, 2) for rank in (0, 1)]
+    assert sum(len(v.labels) for v in vals) == len(val_loader(spec, "cpu").labels) == 41
