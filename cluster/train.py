@@ -162,8 +162,9 @@ def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, 
     # Ray Data feeds the pipeline path only (train: read, split across the workers, augmented
     # every epoch). The device path's workers read their shares straight from the Parquet
     # shards (resnet_dist.local.train_loader), as every worker reads val: a Ray Data read of
-    # a data set that fits in memory costs ~25 s of task and actor start-up per trial on 2
-    # cores (docs/benchmarks.md) and buys nothing when the augmentation runs on the device.
+    # a data set that fits in memory costs ~10 s of task and actor start-up per trial on 2
+    # cores (docs/benchmarks.md, "Start-up of a run") and buys nothing when the augmentation
+    # runs on the device.
     pipeline = job.data_path == "pipeline"
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
