@@ -195,8 +195,12 @@ def test_every_trial_is_tracked_in_tensorboard_and_mlflow_and_costed(sweep):
     m.Reload()
     assert set(m.Runs()) == trials | {"finetune"}
     rows = result_rows(sweep["tune_dir"])
-    for t in trials:   # a resumed trial appends; every epoch it ran is there
-        assert {e.step for e in m.Scalars(t, "accuracy/val")} == {r["epoch"] for r in rows[t]}
+    for t in trials:   # a resumed trial appends; every epoch Tune recorded is there
+        logged, recorded = {e.step for e in m.Scalars(t, "accuracy/val")}, {r["epoch"] for r in rows[t]}
+        # Train V2's report does not wait for the driver, so the workers of a trial ASHA stops
+        # at a rung may finish one more (tiny, 0.3 s) epoch before they are torn down; rank 0
+        # logs what it trained. Never more than that one, and never a gap.
+        assert recorded <= logged <= recorded | {max(recorded) + 1}, (t, logged, recorded)
 
     # Read back as a user would: the file store (MLflow 3 wants it asked for), `mlflow ui` alike.
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
