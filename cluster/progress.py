@@ -12,10 +12,12 @@ import queue as stdlib_queue
 import threading
 from typing import Any, Callable
 
+import ray
 import ray.tune as tune
 
 from ray.train import UserCallback
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 class ReportForwarder(UserCallback):
@@ -30,7 +32,11 @@ class ReportForwarder(UserCallback):
 def fit_streaming(trainer_factory: Callable[[list], Any], on_report: Callable[[dict], None]) -> Any:
     """Build a trainer with a forwarding callback, run `fit()` in a thread, and call
     `on_report` in this thread for every epoch report. Returns fit()'s result."""
-    q = Queue()
+    # On this process's node, as Ray Train places its controller: a queue actor placed on
+    # another node would take the whole run down with it when that node is lost (seen in
+    # tests/integration/test_train_ray.py's lost-node test), though Train itself survives it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = trainer_factory([ReportForwarder(q)])
     box: dict[str, Any] = {}
 

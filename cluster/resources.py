@@ -24,6 +24,21 @@ class Resources:
     threads: int                # torch CPU threads per worker
     max_concurrent: int         # runs at once (sweep trials; 1 for a single run)
     data_path: str              # "device" on GPUs, "pipeline" on CPUs (cluster/data.py)
+    # Elastic lower bound: after a node is lost, Ray Train restarts the run from its last
+    # checkpoint with as few as this many workers (and grows back when capacity returns);
+    # 0 = a fixed size of `workers`.
+    min_workers: int = 0
+
+    def num_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig's num_workers: fixed, or (min, max) when elastic."""
+        return (self.min_workers, self.workers) if 0 < self.min_workers < self.workers else self.workers
+
+def check_workers(workers: int, min_workers: int) -> None:
+    """Workers of a run, and the elastic lower bound (0 = fixed)."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if not 0 <= min_workers <= workers:
+        raise ConfigError(f"min workers must be between 1 and workers ({workers}) (0 = fixed), got {min_workers}")
 
 
 def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> Resources:

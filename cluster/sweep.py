@@ -91,7 +91,8 @@ def _run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     connect()
     sweep_dir = cfg.sweep_dir
     manifest = read_manifest(cfg.data_dir)
-    resources = plan_for_cluster(cfg.workers_per_trial, cfg.max_concurrent)
+    resources = replace(plan_for_cluster(cfg.workers_per_trial, cfg.max_concurrent),
+                        min_workers=cfg.min_workers_per_trial)
     if cfg.data_path != "auto":
         resources = replace(resources, data_path=cfg.data_path)
     base = base_run_config(cfg)

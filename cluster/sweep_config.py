@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.resources import check_workers
 from cluster.tracking import TrackingConfig, check_mlflow_uri
 from cluster.tune import AshaConfig, SearchSpace
 from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
@@ -21,6 +22,9 @@ class SweepConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
     num_samples: int = 4
     workers_per_trial: int = 1
+    # Elastic trials: after a lost node a trial goes on from its last checkpoint with as few
+    # as this many workers; 0 = fixed at workers_per_trial (cluster/resources.py).
+    min_workers_per_trial: int = 0
     max_concurrent: int = 2
     train_subset: int = 0           # train images per epoch in the sweep (0 = all)
     seed: int = 0
@@ -76,6 +80,7 @@ PRESETS: dict[str, SweepConfig] = {
                           weight_decay=(5e-5, 2e-3), momentum=(0.85, 0.9, 0.95), batch_sizes=(256, 512, 1024),
                           label_smoothing=(0.0, 0.1, 0.2), schedules=("onecycle", "cosine")),
         asha=AshaConfig(max_epochs=30, grace_period=3, reduction_factor=3), num_samples=64, workers_per_trial=4,
+        min_workers_per_trial=2,
         max_concurrent=8, finetune=FinetuneConfig(mode="full", backbone_lr_scale=0.1, epochs=5, lr=0.01),
     ),
 }
@@ -88,6 +93,7 @@ def validate(cfg: SweepConfig) -> None:
     cfg.finetune.validate()
     if cfg.data_path not in ("auto", "pipeline", "device"):
         raise ConfigError(f"--data-path must be auto, pipeline or device, got {cfg.data_path!r}")
+    check_workers(cfg.workers_per_trial, cfg.min_workers_per_trial)
     if cfg.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
     read_manifest(cfg.data_dir)

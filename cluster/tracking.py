@@ -90,11 +90,44 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# A file-store run whose meta.yaml is still empty this long after it was made was cut short
+# by a kill while MLflow created it (it writes the file at once); seconds.
+BROKEN_RUN_AGE_S = 10.0
+
+
+def set_aside_broken_runs(root: Path) -> list[Path]:
+    """Move runs with an empty meta.yaml (a process SIGKILLed while MLflow created them) to
+    ROOT.broken/ beside it (not inside: the file store reads every directory there as an
+    experiment): the file store otherwise fails every later search of their experiment
+    (`'NoneType' object has no attribute 'copy'`), and a resumed sweep could never log again."""
+    moved = []
+    for meta in root.glob("*/*/meta.yaml"):
+        try:
+            st = meta.stat()
+        except OSError:
+            continue
+        if st.st_size == 0 and time.time() - st.st_mtime > BROKEN_RUN_AGE_S:
+            run = meta.parent
+            dest = root.with_name(root.name + ".broken") / f"{run.parent.name}-{run.name}"
+            dest.parent.mkdir(exist_ok=True)
+            try:
+                run.rename(dest)
+                moved.append(dest)
+            except OSError:   # another process moved it first
+                pass
+    return moved
+
+
 def _client(uri: str):
     if uri.startswith("file:"):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked; it
         # is what works with no server and on a shared file system (one directory per run).
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from urllib.parse import unquote, urlparse
+
+        root = Path(unquote(urlparse(uri).path))
+        if root.is_dir():
+            set_aside_broken_runs(root)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -23,7 +23,7 @@ import torch
 from cluster.data import build_datasets, torch_batches
 from cluster.metrics import TrainMetrics
 from cluster.progress import fit_streaming
-from cluster.resources import Resources
+from cluster.resources import Resources, check_workers
 from cluster.tracking import Tracker, TrackerSink, TrackingConfig
 from resnet_dist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, RunConfig
@@ -33,6 +33,9 @@ from resnet_dist.training import Position, Sink, Sinks, build_state, restore_tra
 
 # Keep this many checkpoints per run, ranked by validation accuracy.
 KEEP_CHECKPOINTS = 2
+# A preempted (spot) node is not the run's fault: Ray Train restarts from the last checkpoint
+# without limit, counted apart from `max_failures` (crashes, lost nodes).
+MAX_PREEMPTION_FAILURES = -1
 # The Train controller polls its workers (and so drains their reports) at this interval, 2 s by
 # default; 0.2 s cuts a few seconds off every fit() and report. `fit()` forwards it to the
 # controller from the environment of the process that calls it, which for a sweep is each
@@ -139,14 +142,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sink.close()
 
 
-def check_resources(cfg: RunConfig, workers: int, use_gpu: bool) -> None:
-    """Clear errors before any worker starts: batch split and cluster capacity."""
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
+def check_resources(cfg: RunConfig, workers: int, use_gpu: bool, min_workers: int = 0) -> None:
+    """Clear errors before any worker starts: batch split and cluster capacity. An elastic run
+    that lost workers trains at the per-worker batch global // world (256 at 3 workers: 85
+    each, 255 in all) until it grows back, so only grad_accum is checked at every size."""
+    check_workers(workers, min_workers)
     if cfg.train.batch_size % workers:
         raise ConfigError(f"global batch {cfg.train.batch_size} is not divisible by {workers} workers")
-    if (cfg.train.batch_size // workers) % cfg.train.grad_accum:
-        raise ConfigError(f"per-worker batch {cfg.train.batch_size // workers} is not divisible by grad_accum {cfg.train.grad_accum}")
+    for world in range(min_workers or workers, workers + 1):
+        if (cfg.train.batch_size // world) % cfg.train.grad_accum:
+            raise ConfigError(f"per-worker batch {cfg.train.batch_size // world} is not divisible by grad_accum {cfg.train.grad_accum}")
     total = ray.cluster_resources()
     need, have = ("GPU", total.get("GPU", 0)) if use_gpu else ("CPU", total.get("CPU", 0))
     if workers > have:
@@ -173,7 +178,7 @@ def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, 
                                 train_splits=spec.train_splits, seed=spec.run.train.seed) if pipeline else None,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if pipeline else None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker},
+            num_workers=res.num_workers(), use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -181,7 +186,8 @@ def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, 
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute="val_acc", checkpoint_score_order="max",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                   max_preemption_failures=MAX_PREEMPTION_FAILURES),
             callbacks=list(callbacks),
         ),
     )
@@ -224,7 +230,8 @@ def report_logger(run_path: Path, title: str, epochs: int) -> Callable[[dict], N
 
 def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0,
                     cpus_per_worker: float | None = None, max_failures: int = 2,
-                    data_path: str = "auto", mlflow_uri: str | None = None, restart: bool = False) -> dict[str, Any]:
+                    data_path: str = "auto", mlflow_uri: str | None = None, restart: bool = False,
+                    min_workers: int = 0) -> dict[str, Any]:
     """`jobs/train.py` without `--local`: DDP on Ray Train, the same outputs as a local run
     (resnet_dist.outputs). `run_dir` is STORAGE/NAME for Ray Train: re-running with the same
     run dir resumes from its latest checkpoint."""
@@ -240,8 +247,8 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     connect()
     res = plan_for_cluster(workers)
     res = replace(res, threads=threads or res.threads, cpus_per_worker=cpus_per_worker or res.cpus_per_worker,
-                  data_path=res.data_path if data_path == "auto" else data_path)
-    check_resources(cfg, workers, res.use_gpu)
+                  data_path=res.data_path if data_path == "auto" else data_path, min_workers=min_workers)
+    check_resources(cfg, workers, res.use_gpu, min_workers)
     spec = RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir))
     spec.steps_per_epoch()   # a clear error when there is not one batch
     run_path = Path(run_dir).resolve()

@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
+    p.add_argument("--min-workers", type=int, default=0,
+                   help="elastic: after a lost node, go on with as few as this many workers (default: fixed at --workers)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = its CPU share)")
     p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per Ray Train worker (default: a share that leaves one CPU for Ray Data)")
     p.add_argument("--data-path", choices=["auto", "pipeline", "device"], default="auto",
@@ -56,7 +58,8 @@ def main(argv=None) -> None:
 
             set_verbose(args.verbose)
             summary = run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker,
-                                      args.max_failures, args.data_path, args.mlflow_uri, args.restart)
+                                      args.max_failures, args.data_path, args.mlflow_uri, args.restart,
+                                      args.min_workers)
     except ConfigError as e:
         die(str(e))
     from termui.console import console, print_eval_report

@@ -22,6 +22,8 @@ def add_sweep_args(p) -> None:
     a("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
     a("--reduction-factor", type=int, help="ASHA: keep 1/N of the trials at each rung")
     a("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    a("--min-workers-per-trial", type=int,
+      help="elastic trials: after a lost node, go on with as few workers as this (0 = fixed)")
     a("--max-concurrent", type=int, help="upper bound on trials at once (the cluster may allow fewer)")
     a("--train-subset", type=int, help="train images per epoch in the sweep (0 = all)")
     a("--seed", type=int, help="seed of the search")
@@ -53,6 +55,7 @@ def add_sweep_args(p) -> None:
 def sweep_config_from_args(args) -> SweepConfig:
     cfg = PRESETS[args.preset]
     top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
+                                         "min_workers_per_trial",
                                          "max_concurrent", "train_subset", "seed", "data_path", "serve", "mlflow_uri")
            if getattr(args, k) is not None}
     space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",

@@ -46,6 +46,9 @@ def make_three_class_folder(root: Path) -> Path:
 def sweep_cmd(data_dir: Path, storage: Path, folder: Path) -> list[str]:
     return [sys.executable, "jobs/sweep.py", "--preset", "smoke", "--name", "smoke", "--storage", str(storage),
             "--data", str(data_dir), "--data-path", "device", "--finetune-mode", "full", "--finetune-data", str(folder),
+            # Two trials at once (0.49 CPU, 1 thread each): a tiny trial is ~20 s of start-up
+            # around <1 s of training, and the device path needs no CPU kept for Ray Data.
+            "--max-concurrent", "2",
             # 162 training images at the smoke batch of 32 are 5 steps an epoch: a 3-class head and
             # a tiny backbone need ~40 steps at a high rate to separate the shapes.
             "--finetune-epochs", "8", "--finetune-lr", "0.2", "--finetune-backbone-lr-scale", "1.0"]

@@ -72,6 +72,32 @@ def test_a_resumed_run_continues_the_same_mlflow_run_and_artifacts_attach(tmp_pa
     assert len(mlflow.search_runs(experiment_names=["exp"])) == 1
 
 
+def test_a_run_killed_while_mlflow_created_it_is_set_aside(tmp_path):
+    """SIGKILL between MLflow's creating a run directory and writing its meta.yaml leaves an
+    empty file, and the file store then fails every search of the experiment (seen in a
+    killed-and-resumed sweep). A later tracker moves the run to mlruns.broken/ and goes on."""
+    import os
+    import time
+
+    cfg = TrackingConfig.for_dir(tmp_path, "exp", "trial-a")
+    first = Tracker(cfg, params={"a": 1})
+    first.close()
+    exp_dir = next(p for p in (tmp_path / "mlruns").iterdir() if (p / first.run_id).is_dir())
+    broken = exp_dir / "0123456789abcdef0123456789abcdef"
+    broken.mkdir()
+    (broken / "meta.yaml").write_text("")
+    old = time.time() - 60
+    os.utime(broken / "meta.yaml", (old, old))
+    client = mlflow.MlflowClient(cfg.mlflow_uri)
+    with pytest.raises(AttributeError):   # what the broken run does to the file store
+        client.search_runs([exp_dir.name])
+    again = Tracker(TrackingConfig(**{**cfg.to_dict(), "run_name": "trial-b"}), params={"a": 2})
+    again.close()
+    assert not broken.exists() and (tmp_path / "mlruns.broken" / f"{exp_dir.name}-{broken.name}").is_dir()
+    names = {r.info.run_name for r in client.search_runs([exp_dir.name])}
+    assert names == {"trial-a", "trial-b"}
+
+
 def test_mlflow_off_still_writes_tensorboard(tmp_path):
     cfg = TrackingConfig.for_dir(tmp_path, "exp", "r", mlflow_uri="off")
     assert cfg.mlflow_uri == ""
