@@ -33,8 +33,8 @@ def fit_streaming(trainer_factory: Callable[[list], Any], on_report: Callable[[d
     """Build a trainer with a forwarding callback, run `fit()` in a thread, and call
     `on_report` in this thread for every epoch report. Returns fit()'s result."""
     # On this process's node, as Ray Train places its controller: a queue actor placed on
-    # another node would take the whole run down with it when that node is lost (seen in
-    # tests/integration/test_train_ray.py's lost-node test), though Train itself survives it.
+    # another node took the whole run down with it when that node was lost, though Train
+    # itself survived it (tests/integration/test_train_ray.py, the opt-in lost-node test).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = trainer_factory([ReportForwarder(q)])

@@ -33,12 +33,13 @@ class Resources:
         """ScalingConfig's num_workers: fixed, or (min, max) when elastic."""
         return (self.min_workers, self.workers) if 0 < self.min_workers < self.workers else self.workers
 
+
 def check_workers(workers: int, min_workers: int) -> None:
     """Workers of a run, and the elastic lower bound (0 = fixed)."""
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     if not 0 <= min_workers <= workers:
-        raise ConfigError(f"min workers must be between 1 and workers ({workers}) (0 = fixed), got {min_workers}")
+        raise ConfigError(f"min workers must be 0 (a fixed size) or 1 to {workers} (the workers), got {min_workers}")
 
 
 def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> Resources:

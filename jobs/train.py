@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from cluster.resources import check_workers
 from cluster.tracking import check_mlflow_uri
 from termui.cli import add_config_args, config_from_args, die, job_parser
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
@@ -24,8 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
-    p.add_argument("--min-workers", type=int, default=0,
-                   help="elastic: after a lost node, go on with as few as this many workers (default: fixed at --workers)")
+    p.add_argument("--min-workers", type=int, default=0, help="elastic: after a lost node, go on with this many or more (0 = fixed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = its CPU share)")
     p.add_argument("--cpus-per-worker", type=float, help="logical CPUs per Ray Train worker (default: a share that leaves one CPU for Ray Data)")
     p.add_argument("--data-path", choices=["auto", "pipeline", "device"], default="auto",
@@ -44,6 +44,7 @@ def main(argv=None) -> None:
         cfg = config_from_args(args, RunConfig().replace(**TRAIN_PRESETS[args.preset]))
         read_manifest(cfg.data.data_dir)   # fail fast on missing or corrupt data
         check_mlflow_uri(args.mlflow_uri)
+        check_workers(args.workers, args.min_workers)   # before connecting to Ray
     except (ConfigError, DataError) as e:
         die(str(e))
     # Absolute once, here: Ray Train's controller and workers run in other directories.
@@ -58,8 +59,7 @@ def main(argv=None) -> None:
 
             set_verbose(args.verbose)
             summary = run_distributed(cfg, run_dir, args.workers, args.threads, args.cpus_per_worker,
-                                      args.max_failures, args.data_path, args.mlflow_uri, args.restart,
-                                      args.min_workers)
+                                      args.max_failures, args.data_path, args.mlflow_uri, args.restart, args.min_workers)
     except ConfigError as e:
         die(str(e))
     from termui.console import console, print_eval_report

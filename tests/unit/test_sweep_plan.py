@@ -156,3 +156,19 @@ def test_a_sweep_killed_before_its_first_experiment_state_starts_afresh(tmp_path
     (tune_dir / "experiment_state-2026-12-02_10-00-00.json").write_text("{}")
     assert set_aside_incomplete_experiment(tune_dir) is None and (tune_dir / "tuner.pkl").exists()
     assert set_aside_incomplete_experiment(tmp_path / "new") is None
+
+
+def test_elastic_runs_ask_ray_train_for_a_range_of_workers():
+    from dataclasses import replace
+
+    from cluster.resources import check_workers
+
+    fixed = plan_resources(4, 1, cpus=17, gpus=4, node_cores=16)
+    assert fixed.num_workers() == 4
+    assert replace(fixed, min_workers=2).num_workers() == (2, 4)
+    assert replace(fixed, min_workers=4).num_workers() == 4   # min == max is a fixed size
+    check_workers(4, 0)
+    check_workers(4, 2)
+    for workers, low in ((4, 5), (4, -1), (0, 0)):
+        with pytest.raises(ConfigError, match="workers"):
+            check_workers(workers, low)
