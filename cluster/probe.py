@@ -24,10 +24,13 @@ def serve_and_probe(cfg: SweepConfig, console, probes: int = 8) -> str:
     from cluster.serve_deploy import deploy
     from resnet_dist.data import read_split
 
-    console.print(f"deploying {cfg.sweep_dir / FINETUNED_CHECKPOINT} on Ray Serve, then {probes} test images...",
+    from resnet_dist import storage
+
+    console.print(f"deploying {storage.join(cfg.sweep_target, FINETUNED_CHECKPOINT)} on Ray Serve, then {probes} test images...",
                   soft_wrap=True)
     # Two replicas' worth of CPU is not there on a small machine; a sweep's model is small.
-    url = deploy(ServeConfig(checkpoint=str(cfg.sweep_dir), num_cpus=min(1.0, max(0.5, cluster_cpus() - 1))))
+    # From the storage itself (a URI too): a replica may start on any node.
+    url = deploy(ServeConfig(checkpoint=cfg.sweep_target, num_cpus=min(1.0, max(0.5, cluster_cpus() - 1))))
     data_dir = cfg.sweep_dir / "finetune-data" if cfg.finetune.data else Path(cfg.data_dir)
     test = read_split(data_dir, "test")
     table = Table(title=f"Ray Serve at {url}: {probes} test images")

@@ -34,6 +34,7 @@ from cluster.http_requests import (
     BATCH_TYPE, SINGLE_IMAGE_TYPES, RequestError, decode_batch_json, multipart_file, read_body, require_media_type,
 )
 from cluster.metrics import GaugeKeeper
+from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
@@ -286,7 +287,7 @@ class Classifier:
 
 def resolved(cfg: ServeConfig) -> ServeConfig:
     """`cfg` validated, its checkpoint resolved to an absolute file path."""
-    return dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint).resolve())).validated()
+    return dataclasses.replace(cfg, checkpoint=storage.resolve(resolve_checkpoint(cfg.checkpoint))).validated()
 
 
 def build_app(cfg: ServeConfig):

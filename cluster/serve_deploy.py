@@ -56,7 +56,8 @@ def deploy(cfg: ServeConfig, timeout_s: float | None = None) -> str:
     Raises RuntimeError when Serve reports the deployment failed, TimeoutError after
     `timeout_s` (None: wait as long as Serve keeps trying, as `serve.run` does).
 
-    The checkpoint path must be readable at the same path on every node that runs a replica.
+    The checkpoint must be readable on every node that runs a replica: the same path there, or a
+    URI (s3://, gs://; resnet_dist.storage).
     """
     # Replicas of a config-file app get this job's runtime_env only if the config names it
     # (serve.run adds it by itself): a submitted job's working_dir holds this code.

@@ -1,6 +1,7 @@
 """The main job: ASHA sweep -> best trial on validation -> fine-tune -> evaluate -> report.
 
-Everything lands in one sweep directory, STORAGE/NAME:
+Everything lands in one sweep directory, STORAGE/NAME (a path, or a URI mirrored from a local
+copy: resnet_dist.storage):
   trials.csv, best_config.json, best.pt (the selected trial's best checkpoint),
   finetuned.pt and finetune.json (resnet_dist.outputs), report.md + PNG plots,
   summary.json; Tune's and Train's own state lives beside them (tune/, train/), which is
@@ -22,14 +23,16 @@ from cluster.progress import LiveTrials
 from cluster.resources import TRIAL_DRIVER_CPUS, Resources, plan_for_cluster
 from cluster.runtime import connect
 from cluster.sweep_config import SweepConfig, base_run_config, sweep_tracking
-from cluster.tracking import log_artifacts
-from cluster.tune import build_tuner, trial_run_config
+from cluster.tracking import REMOTE_ENTRIES, log_artifacts
+from cluster.tune import ASHA_STATE_FILE, build_tuner, trial_run_config
+from resnet_dist import storage
 from resnet_dist.checkpoint import BEST_CHECKPOINT, load_checkpoint, save_checkpoint
 from resnet_dist.config import RunConfig
 from resnet_dist.data import read_manifest
-from resnet_dist.identity import claim
+from resnet_dist.identity import claim_mirrored
 from resnet_dist.outputs import write_json
 from resnet_dist.report import sweep_cost, trial_cost, write_report
+from resnet_dist.storage import Mirror
 
 
 def collect_trials(results: tune.ResultGrid, max_epochs: int,
@@ -75,21 +78,27 @@ def sweep_identity(cfg: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]
     return {"kind": "sweep", **d, "data_fingerprint": manifest["fingerprint"]}
 
 
+# What Ray Tune, Ray Train and tracking write to a sweep URI themselves, and the local lock:
+# the mirror of the driver's own files (resnet_dist.storage) leaves them alone.
+SWEEP_REMOTE = ("tune", "train", ASHA_STATE_FILE, ".driver.lock", *REMOTE_ENTRIES)
+
+
 def run_sweep(cfg: SweepConfig, console, restart: bool = False) -> dict[str, Any]:
-    """The whole loop, one driver at a time per sweep directory (cluster/lock.py), resumed only
-    with the config it was started with (`restart`: afresh, the old files set aside); returns
-    the summary also written to summary.json."""
-    with DriverLock(cfg.sweep_dir):
-        aside = claim(cfg.sweep_dir, sweep_identity(cfg, read_manifest(cfg.data_dir)), "sweep", restart)
+    """The whole loop, one driver at a time per sweep directory (cluster/lock.py; for a URI,
+    per machine: an object store has no locks), resumed only with the config it was started
+    with (`restart`: afresh, the old files set aside); returns the summary also written to
+    summary.json. A URI's files are pulled into a local copy first and pushed after each phase."""
+    with Mirror(cfg.sweep_target, skip=SWEEP_REMOTE) as mirror, DriverLock(mirror.local):
+        aside = claim_mirrored(mirror, sweep_identity(cfg, read_manifest(cfg.data_dir)), "sweep", restart)
         if aside is not None:
             console.print(f"--restart: the sweep's old files are in {aside}")
-        return _run_sweep(cfg, console)
+        return _run_sweep(cfg, console, mirror)
 
 
-def _run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
+def _run_sweep(cfg: SweepConfig, console, mirror: Mirror) -> dict[str, Any]:
     t0 = time.perf_counter()
     connect()
-    sweep_dir = cfg.sweep_dir
+    sweep_dir, target = mirror.local, mirror.target
     manifest = read_manifest(cfg.data_dir)
     resources = replace(plan_for_cluster(cfg.workers_per_trial, cfg.max_concurrent),
                         min_workers=cfg.min_workers_per_trial)
@@ -98,26 +107,30 @@ def _run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
     base = base_run_config(cfg)
     tracking = sweep_tracking(cfg)
     plan = {"base": base.to_dict(), "manifest": manifest, "resources": asdict(resources), "name": cfg.name,
-            "train_storage": str(sweep_dir / "train"), "tracking": tracking.to_dict()}
+            "train_storage": storage.join(target, "train"), "tracking": tracking.to_dict()}
     console.print(f"[bold]sweep[/bold] {cfg.name}: {cfg.num_samples} trials, ASHA max {cfg.asha.max_epochs} epochs, "
                   f"{resources.max_concurrent} at a time x {resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
-                  f"{' + 1 GPU' if resources.use_gpu else ''} -> {sweep_dir}")
-    tuner = build_tuner("tune", str(sweep_dir), cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
+                  f"{' + 1 GPU' if resources.use_gpu else ''} -> {target}")
+    if mirror.uri and not tracking.mlflow_uri and cfg.mlflow_uri is None:
+        console.print(f"MLflow off: its file store cannot live in {target}; pass --mlflow-uri of a tracking server")
+    tuner = build_tuner("tune", target, cfg.space, cfg.asha, cfg.num_samples, cfg.seed, plan, resources,
                         callbacks=[LiveTrials(cfg.asha.max_epochs)])
     results = tuner.fit()
     trials = collect_trials(results, cfg.asha.max_epochs, resources)
     if not trials:
-        raise RuntimeError(f"no trial reported a result; see {sweep_dir / 'tune'}")
+        raise RuntimeError(f"no trial reported a result; see {storage.join(target, 'tune')}")
     best = max(trials, key=lambda t: t["best_val_acc"])
-    selected = load_checkpoint(best["best_checkpoint"])
+    # Ray gives the checkpoint's path on the storage's file system ("bucket/..." for s3).
+    selected = load_checkpoint(storage.with_fs_path(target, best["best_checkpoint"]))
     save_checkpoint(selected, sweep_dir / BEST_CHECKPOINT)
     write_json(sweep_dir / "best_config.json", {"trial_id": best["trial_id"], "val_acc": best["best_val_acc"],
                                                 "epoch": selected["epoch"], "config": best["config"]})
+    mirror.push()   # fine-tuning's workers, on any node, read best.pt from the storage
     console.print(f"best trial {best['trial_id']}: val acc {best['best_val_acc']:.2%} at epoch {selected['epoch']}")
     log_artifacts(tracking, best["trial_id"], [sweep_dir / BEST_CHECKPOINT, sweep_dir / "best_config.json"])
 
     data = Path(cfg.finetune.data) if cfg.finetune.data else Path(cfg.data_dir).resolve()
-    tuned = finetune_on_ray(sweep_dir / BEST_CHECKPOINT, data, sweep_dir, cfg.finetune, resources, tracking, cfg.name)
+    tuned = finetune_on_ray(mirror.file(BEST_CHECKPOINT), data, mirror, cfg.finetune, resources, tracking, cfg.name)
     before_rep, after_rep = tuned["before"], tuned["after"]
     report = write_report(
         sweep_dir, title=f"Sweep {cfg.name}", trials=trials, max_epochs=cfg.asha.max_epochs, best=best,
@@ -127,9 +140,10 @@ def _run_sweep(cfg: SweepConfig, console) -> dict[str, Any]:
         notes=[f"data: {cfg.data_dir} (fingerprint {manifest['fingerprint'][:16]})",
                f"wall time of the pipeline up to this report: {time.perf_counter() - t0:.0f} s"],
     )
-    summary = {"name": cfg.name, "sweep_dir": str(sweep_dir), "trials": [{k: v for k, v in t.items() if k != "config"}
+    summary = {"name": cfg.name, "sweep_dir": target, "trials": [{k: v for k, v in t.items() if k != "config"}
                for t in trials], "best": best["trial_id"], "best_val_acc": best["best_val_acc"],
-               "before": before_rep, "before_kind": tuned["before_kind"], "after": after_rep, "report": str(report),
+               "before": before_rep, "before_kind": tuned["before_kind"], "after": after_rep,
+               "report": storage.join(target, Path(report).name),
                "stopped_early": sum(t["stopped_early"] for t in trials), "cost": sweep_cost(trials),
                "seconds": time.perf_counter() - t0}
     write_json(sweep_dir / "summary.json", summary)

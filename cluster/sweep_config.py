@@ -9,6 +9,7 @@ from pathlib import Path
 from cluster.resources import check_workers
 from cluster.tracking import TrackingConfig, check_mlflow_uri
 from cluster.tune import AshaConfig, SearchSpace
+from resnet_dist import storage
 from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
 from resnet_dist.data import read_manifest
 
@@ -41,8 +42,15 @@ class SweepConfig:
     data_path: str = "auto"
 
     @property
+    def sweep_target(self) -> str:
+        """STORAGE/NAME: an absolute path, or a URI (s3://, gs://, file://; resnet_dist.storage)."""
+        return storage.join(storage.resolve(self.storage), self.name)
+
+    @property
     def sweep_dir(self) -> Path:
-        return Path(self.storage).resolve() / self.name
+        """Where this driver reads and writes the sweep's files: STORAGE/NAME itself, or for a
+        URI its local staging copy (mirrored to it: cluster/sweep.py)."""
+        return storage.Mirror(self.sweep_target).local
 
 
 PRESETS: dict[str, SweepConfig] = {
@@ -100,11 +108,10 @@ def validate(cfg: SweepConfig) -> None:
     check_mlflow_uri(cfg.mlflow_uri)
     if cfg.finetune.data and not Path(cfg.finetune.data).exists():
         raise ConfigError(f"fine-tuning data {cfg.finetune.data} does not exist")
-    if "://" in cfg.storage:
-        # The report, best.pt and the fine-tuning read and write the sweep directory as files.
-        raise ConfigError(f"--storage {cfg.storage}: URIs are not supported yet; mount the bucket or file "
-                          "share (NFS, a CSI driver) and pass its path")
-    _check_writable(Path(cfg.storage).resolve())
+    if storage.is_uri(cfg.storage):
+        storage.Mirror(cfg.sweep_target).check_writable()
+    else:
+        _check_writable(Path(cfg.storage).resolve())
 
 
 def _check_writable(path: Path) -> None:
@@ -129,4 +136,4 @@ def base_run_config(cfg: SweepConfig) -> RunConfig:
 def sweep_tracking(cfg: SweepConfig) -> TrackingConfig:
     """TensorBoard and MLflow of a sweep: its directory's tensorboard/ and mlruns/, one
     experiment named after the sweep, one run per trial (its id) and one for fine-tuning."""
-    return TrackingConfig.for_dir(cfg.sweep_dir, cfg.name, "", cfg.mlflow_uri)
+    return TrackingConfig.for_dir(cfg.sweep_target, cfg.name, "", cfg.mlflow_uri)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.training import Sink
 
@@ -51,10 +52,27 @@ class TrackingConfig:
     @classmethod
     def for_dir(cls, out_dir: str | os.PathLike, experiment: str, run_name: str, mlflow_uri: str | None = None,
                 **tags: str) -> "TrackingConfig":
-        """The default layout under `out_dir` (module docstring); `mlflow_uri` "off" turns MLflow off."""
+        """The default layout under `out_dir` (module docstring); `mlflow_uri` "off" turns MLflow off.
+        `out_dir` may be a URI (resnet_dist.storage): TensorBoard's events then go there (each
+        run writes a local copy and uploads it after every epoch), and the default MLflow store
+        is a file store there when the URI is a file system (file://), else off: MLflow cannot
+        keep a file store in a bucket, so an object store needs `--mlflow-uri` of a server."""
+        if storage.is_uri(out_dir):
+            target = str(out_dir)
+            default = f"file://{storage.filesystem(storage.join(target, 'mlruns'))[1]}" \
+                if target.startswith("file://") else ""
+            uri = default if mlflow_uri is None else ("" if mlflow_uri == "off" else mlflow_uri)
+            return cls(storage.join(target, "tensorboard"), uri, experiment, run_name, dict(tags))
         out = Path(out_dir).resolve()
         uri = (out / "mlruns").as_uri() if mlflow_uri is None else ("" if mlflow_uri == "off" else mlflow_uri)
         return cls(str(out / "tensorboard"), uri, experiment, run_name, dict(tags))
+
+
+# Entries of an output directory that tracking writes to a URI itself (resnet_dist.storage.Mirror skips them).
+REMOTE_ENTRIES = ("tensorboard", "mlruns")
+# ... and what Ray Train writes into a run directory itself (its checkpoints and their state),
+# with the driver's lock, which stays with the local copy.
+TRAIN_RUN_ENTRIES = ("checkpoint_*", ".validate_storage_marker", ".driver.lock", *REMOTE_ENTRIES)
 
 
 def check_mlflow_uri(uri: str | None) -> None:
@@ -164,10 +182,13 @@ class Tracker:
         self.writer = None
         self.client = None
         self.run_id: str | None = None
+        self._tb_mirror: storage.Mirror | None = None
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(cfg.tensorboard_dir) / cfg.run_name), flush_secs=10)
+            # A URI: events go to a local copy, uploaded after every epoch and at the end.
+            self._tb_mirror = storage.Mirror(storage.join(cfg.tensorboard_dir, cfg.run_name))
+            self.writer = SummaryWriter(log_dir=str(self._tb_mirror.local), flush_secs=10)
         if cfg.mlflow_uri:
             self.client = _client(cfg.mlflow_uri)
             self.run_id = find_run(self.client, cfg.experiment, cfg.run_name)
@@ -190,6 +211,7 @@ class Tracker:
             for k, v in values.items():
                 self.writer.add_scalar(SCALARS[k], v, step)
             self.writer.flush()
+            self._tb_mirror.push()
         if self.client is not None:
             _log_metrics(self.client, self.run_id, values, step)
 
@@ -201,6 +223,7 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if self.writer is not None:
             self.writer.close()
+            self._tb_mirror.push()
         if self.client is not None:
             self.client.set_terminated(self.run_id, status=status)
 

@@ -24,7 +24,8 @@ from cluster.data import build_datasets, torch_batches
 from cluster.metrics import TrainMetrics
 from cluster.progress import fit_streaming
 from cluster.resources import Resources, check_workers
-from cluster.tracking import Tracker, TrackerSink, TrackingConfig
+from cluster.tracking import TRAIN_RUN_ENTRIES, Tracker, TrackerSink, TrackingConfig
+from resnet_dist import storage
 from resnet_dist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from resnet_dist.config import ConfigError, RunConfig
 from resnet_dist.local import loader_seed, train_loader, val_loader
@@ -193,12 +194,14 @@ def build_trainer(job: WorkerJob, res: Resources, name: str, storage_path: str, 
     )
 
 
-def run_train(job: WorkerJob, res: Resources, run_path: Path, max_failures: int,
+def run_train(job: WorkerJob, res: Resources, run_path: str | os.PathLike, max_failures: int,
               on_report: Callable[[dict], None]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """Run `job` on Ray Train at `run_path` (STORAGE/NAME: a re-run resumes there), calling
-    `on_report` in this process for every report. Returns (the checkpoint the run delivers: its
-    last when it trained on val, else its best on val; the last checkpoint; the history)."""
-    result = fit_streaming(lambda callbacks: build_trainer(job, res, run_path.name, str(run_path.parent),
+    """Run `job` on Ray Train at `run_path` (STORAGE/NAME, a path or a URI: a re-run resumes
+    there), calling `on_report` in this process for every report. Returns (the checkpoint the
+    run delivers: its last when it trained on val, else its best on val; the last checkpoint;
+    the history)."""
+    target = storage.resolve(run_path)
+    result = fit_streaming(lambda callbacks: build_trainer(job, res, storage.name(target), storage.parent(target),
                                                            max_failures, callbacks), on_report)
     with result.checkpoint.as_directory() as d:
         last = load_checkpoint(Path(d) / CHECKPOINT_FILE)
@@ -251,23 +254,26 @@ def run_distributed(cfg: RunConfig, run_dir: str, workers: int, threads: int = 0
     check_resources(cfg, workers, res.use_gpu, min_workers)
     spec = RunSpec.from_manifest(cfg, read_manifest(cfg.data.data_dir))
     spec.steps_per_epoch()   # a clear error when there is not one batch
-    run_path = Path(run_dir).resolve()
-    tracking = TrackingConfig.for_dir(run_path, TRAIN_EXPERIMENT, run_path.name, mlflow_uri)
+    # A URI run dir: Ray Train writes its checkpoints there itself, this driver its own files
+    # (best.pt, metrics.json, reports.jsonl) to a local copy mirrored to it (resnet_dist.storage).
+    mirror = storage.Mirror(run_dir, skip=TRAIN_RUN_ENTRIES)
+    run_path = mirror.local
+    tracking = TrackingConfig.for_dir(mirror.target, TRAIN_EXPERIMENT, storage.name(mirror.target), mlflow_uri)
     job = WorkerJob(spec, res.threads, tags={"run": run_path.name}, data_path=res.data_path,
                     tracking=tracking.to_dict())
     console.print(f"[bold]Ray Train[/bold]: {workers} workers x {res.cpus_per_worker:g} CPU"
                   f"{' + 1 GPU' if res.use_gpu else ''}, {job.data_path} data path, {cfg.model.flavor}, "
-                  f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} -> {run_path}")
+                  f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} -> {mirror.target}")
     from cluster.lock import DriverLock
-    from resnet_dist.identity import claim, run_identity
+    from resnet_dist.identity import claim_mirrored, run_identity
 
-    with DriverLock(run_path, "run"):
-        claim(run_path, run_identity(cfg.to_dict(), spec.fingerprint), "run", restart)
-        best, last, history = run_train(job, res, run_path, max_failures,
+    with mirror, DriverLock(run_path, "run"):
+        claim_mirrored(mirror, run_identity(cfg.to_dict(), spec.fingerprint), "run", restart)
+        best, last, history = run_train(job, res, mirror.target, max_failures,
                                         report_logger(run_path, f"Training ({workers} workers)", cfg.train.epochs))
-    save_checkpoint(last, run_path / LAST_CHECKPOINT)
-    summary = wrap_up(run_path, best, history, cfg.data.data_dir, checkpoint_name=BEST_CHECKPOINT,
-                      summary_name=METRICS_FILE, flip_tta=cfg.train.eval_flip_tta)
-    log_artifacts(tracking, run_path.name, [run_path / BEST_CHECKPOINT, run_path / METRICS_FILE],
+        save_checkpoint(last, run_path / LAST_CHECKPOINT)
+        summary = wrap_up(run_path, best, history, cfg.data.data_dir, checkpoint_name=BEST_CHECKPOINT,
+                          summary_name=METRICS_FILE, flip_tta=cfg.train.eval_flip_tta)
+    log_artifacts(tracking, storage.name(mirror.target), [run_path / BEST_CHECKPOINT, run_path / METRICS_FILE],
                   {"test_acc": summary["test"]["accuracy"]})
     return summary

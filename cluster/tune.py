@@ -20,8 +20,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from cluster.resources import TRIAL_DRIVER_CPUS, Resources
 from cluster.train import WorkerJob, build_trainer
+from resnet_dist import storage as storage_lib
 from resnet_dist.config import ConfigError, RunConfig, check_model_flavor
-from resnet_dist.outputs import write_json
 from resnet_dist.spec import RunSpec
 
 # Peak learning rate per optimizer at the base batch size; the sweep samples a
@@ -133,7 +133,7 @@ class ResumableASHA(ASHAScheduler):
             return
         self._loaded = True
         try:
-            saved = json.loads(Path(self._state_file).read_text())
+            saved = json.loads(storage_lib.read_bytes(self._state_file))
         except (OSError, ValueError):   # a new sweep, or a state file cut short: start empty
             return
         self._stopped.update(saved["stopped"])
@@ -143,9 +143,10 @@ class ResumableASHA(ASHAScheduler):
                     recorded.update(saved_recorded)
 
     def _save(self) -> None:
-        Path(self._state_file).parent.mkdir(parents=True, exist_ok=True)
-        write_json(self._state_file, {"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets],
-                                      "stopped": sorted(self._stopped)})
+        # Straight to the storage, a URI too (resnet_dist.storage): a driver killed mid-sweep
+        # leaves the rungs where its successor, on any machine, reads them.
+        state = {"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets], "stopped": sorted(self._stopped)}
+        storage_lib.write_bytes(self._state_file, json.dumps(state).encode())
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()
@@ -184,8 +185,9 @@ def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, n
     """A new Tuner, or the same sweep restored when STORAGE/NAME holds one (finished
     trials are not re-run; ASHA-stopped ones stay stopped; ASHA keeps its rungs)."""
     trainable = tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
-    path = str(Path(storage) / name)
-    set_aside_incomplete_experiment(Path(path))
+    path = storage_lib.join(storage, name)
+    if not storage_lib.is_uri(path):   # an object store cannot rename a directory; Tune's own error then
+        set_aside_incomplete_experiment(Path(path))
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     # Tune ignores max_concurrent_trials for a generator passed in, so the generator caps it itself:
@@ -197,7 +199,7 @@ def build_tuner(name: str, storage: str, space: SearchSpace, asha: AshaConfig, n
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", num_samples=num_samples,
             search_alg=searcher,
-            scheduler=ResumableASHA(str(Path(storage) / ASHA_STATE_FILE), time_attr="epoch", max_t=asha.max_epochs,
+            scheduler=ResumableASHA(storage_lib.join(storage, ASHA_STATE_FILE), time_attr="epoch", max_t=asha.max_epochs,
                                     grace_period=asha.grace_period, reduction_factor=asha.reduction_factor),
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks or [],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from resnet_dist import storage
 from resnet_dist.config import OPTIMIZERS, ConfigError
 from resnet_dist.data import DataError
 from termui.cli import die, job_parser
@@ -31,9 +32,9 @@ def main(argv=None) -> None:
 
     own = FinetuneConfig()   # the defaults for a user's own data (resnet_dist.config)
     p = job_parser(__doc__, ray=True)
-    p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt)")
+    p.add_argument("--checkpoint", default="runs/sweep", help="a .pt file, or a sweep/run directory (its best.pt); paths or URIs")
     p.add_argument("--data", default="data/cifar10", help="prepared Parquet data, or an image folder/archive")
-    p.add_argument("--out", default="runs/finetune", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/finetune", help="output directory or URI (default: %(default)s)")
     p.add_argument("--mode", choices=FINETUNE_MODES, default=own.mode, help="what trains (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=0,
                    help=f"epochs (default 0: enough for {MIN_STEPS} optimizer steps at the batch below)")
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     # Absolute once, here: Ray Train's controller and workers run in other directories.
-    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    data, out = Path(args.data).resolve(), storage.resolve(args.out)   # --out may be a URI (s3://...)
     ft = FinetuneConfig(mode=args.mode, reset_head=args.reset_head, backbone_lr_scale=args.backbone_lr_scale,
                         probe_init=args.probe_init, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                         subset=args.subset, batch_size=args.batch_size, data=str(data))
@@ -66,11 +67,12 @@ def main(argv=None) -> None:
         ft.validate()
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        source = resolve_checkpoint(Path(args.checkpoint).resolve(), SOURCE_ORDER)
+        source = resolve_checkpoint(storage.resolve(args.checkpoint), SOURCE_ORDER)
         load_checkpoint(source)   # refuse a corrupt or foreign file before anything runs
         if not data.exists():
             raise DataError(f"fine-tuning data {data} does not exist")
         check_mlflow_uri(args.mlflow_uri)
+        storage.Mirror(out).check_writable()
         summary = finetune_job(source, data, out, ft, args.workers, args.local, args.mlflow_uri, args.verbose,
                                args.restart)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -24,7 +24,7 @@ from resnet_dist.inference import resolve_checkpoint
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = job_parser(__doc__, ray=True)
-    p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory")
+    p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory; a path or a URI (s3://...)")
     p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
     p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0 = fixed)")
     p.add_argument("--max-batch-size", type=int, default=16, help="images per model call; 1 = no batching (default: %(default)s)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.resources import check_workers
 from cluster.tracking import check_mlflow_uri
 from termui.cli import add_config_args, config_from_args, die, job_parser
+from resnet_dist import storage
 from resnet_dist.config import TRAIN_PRESETS, ConfigError, RunConfig
 from resnet_dist.data import DataError, read_manifest
 
@@ -23,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="default",
                    help="base settings: default = the 4-epoch recipe, quick = it for 1 epoch on 5,000 images, gpu94 = ResNet-9 for 94%% on one GPU "
                         "(default: %(default)s)")
-    p.add_argument("--run-dir", help="output directory (default: runs/train-<time>)")
+    p.add_argument("--run-dir", help="output directory or URI, e.g. s3://bucket/runs/r1 (default: runs/train-<time>)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--min-workers", type=int, default=0, help="elastic: after a lost node, go on with this many or more (0 = fixed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0 = its CPU share)")
@@ -45,13 +46,17 @@ def main(argv=None) -> None:
         read_manifest(cfg.data.data_dir)   # fail fast on missing or corrupt data
         check_mlflow_uri(args.mlflow_uri)
         check_workers(args.workers, args.min_workers)   # before connecting to Ray
+        if args.run_dir and storage.is_uri(args.run_dir):
+            storage.Mirror(args.run_dir).check_writable()
     except (ConfigError, DataError) as e:
         die(str(e))
     # Absolute once, here: Ray Train's controller and workers run in other directories.
     cfg = cfg.replace(data={"data_dir": str(Path(cfg.data.data_dir).resolve())})
-    run_dir = str(Path(args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
+    run_dir = storage.resolve(args.run_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         if args.local:
+            from cluster.local_train import run_local
+
             summary = run_local(cfg, run_dir, args.threads, args.mlflow_uri, args.restart)
         else:
             from cluster.runtime import set_verbose
@@ -66,31 +71,6 @@ def main(argv=None) -> None:
 
     print_eval_report(summary["test"], "test (best val checkpoint)")
     console.print(f"mean throughput {summary['mean_images_per_s']:.0f} img/s; outputs in {run_dir}")
-
-
-def run_local(cfg: RunConfig, run_dir: str, threads: int, mlflow_uri: str | None = None, restart: bool = False) -> dict:
-    import torch
-
-    from cluster.tracking import TRAIN_EXPERIMENT, TrackingConfig, log_artifacts, run_tracked
-    from resnet_dist.checkpoint import BEST_CHECKPOINT
-    from resnet_dist.identity import claim, run_identity
-    from resnet_dist.local import fit_local
-    from resnet_dist.training import Sinks
-    from termui.console import RichProgress, console
-
-    if threads:
-        torch.set_num_threads(threads)
-    console.print(f"[bold]local training[/bold] {cfg.model.flavor} x{cfg.model.width}, {cfg.train.epochs} epochs, "
-                  f"batch {cfg.train.batch_size}, {torch.get_num_threads()} threads -> {run_dir}")
-    out = Path(run_dir).resolve()
-    # Before tracking opens its files in the run directory: --restart moves them aside.
-    claim(out, run_identity(cfg.to_dict(), read_manifest(cfg.data.data_dir)["fingerprint"]), "run", restart)
-    tracking = TrackingConfig.for_dir(out, TRAIN_EXPERIMENT, out.name, mlflow_uri)
-    summary = run_tracked(tracking, {"config": cfg.to_dict()},
-                          lambda sink: fit_local(cfg, out, Sinks(RichProgress(), sink)),
-                          lambda s: {"test_acc": s["test"]["accuracy"]}, per_epoch=not cfg.train.report_every_images)
-    log_artifacts(tracking, out.name, [out / BEST_CHECKPOINT, out / "metrics.json"])
-    return summary
 
 
 if __name__ == "__main__":

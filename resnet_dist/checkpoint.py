@@ -10,6 +10,7 @@ It contains only tensors and plain Python values, so it loads with
 from __future__ import annotations
 
 import functools
+import io
 import os
 import subprocess
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from resnet_dist import __version__
+from resnet_dist import __version__, storage
 from resnet_dist.config import ModelConfig, section_from_dict
 from resnet_dist.models import ResNet, build_model
 
@@ -153,10 +154,12 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike, order: Sequence[str] = SERVING_ORDER) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, order: Sequence[str] = SERVING_ORDER) -> Path | str:
     """The checkpoint file meant by `path`, the one resolver of the project: a file, or in a
     directory (a run, a sweep, a fine-tuning output, a Ray checkpoint) the first of `order`
-    that is there."""
+    that is there. `path` may be a URI (resnet_dist.storage); the answer is then one too."""
+    if storage.is_uri(path):
+        return _resolve_uri(str(path), order)
     p = Path(path)
     if p.is_file():
         return p
@@ -168,11 +171,26 @@ def resolve_checkpoint(path: str | os.PathLike, order: Sequence[str] = SERVING_O
     raise CheckpointError(f"no checkpoint in {path}: looked for {', '.join(order)}")
 
 
+def _resolve_uri(uri: str, order: Sequence[str]) -> str:
+    try:
+        if storage.is_file(uri):
+            return uri
+        if not storage.is_dir(uri):
+            raise CheckpointError(f"no checkpoint at {uri}: no such file or directory")
+        for name in order:
+            if storage.is_file(storage.join(uri, name)):
+                return storage.join(uri, name)
+    except OSError as e:   # no such bucket, no rights, unreachable endpoint
+        raise CheckpointError(f"no checkpoint at {uri}: {' '.join(str(e).split())[:200]}") from None
+    raise CheckpointError(f"no checkpoint in {uri}: looked for {', '.join(order)}")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict safely (`weights_only=True`); CheckpointError if unusable."""
     p = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        source = io.BytesIO(storage.read_bytes(p)) if storage.is_uri(p) else p
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickle error, foreign object...
         raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:

@@ -244,7 +244,7 @@ def plan_finetune(source_path: str | os.PathLike, data_dir: str | os.PathLike, o
     normalised with the source's statistics: the backbone learnt on those, and frozen BN layers
     keep them."""
     ft.validate()
-    source_path = Path(source_path)
+    source_path = str(source_path)   # a path or a URI (resnet_dist.storage)
     source = load_checkpoint(source_path)
     manifest = read_manifest(data_dir)
     start, ft, before, before_kind = finetune_start(source, data_dir, ft, device)

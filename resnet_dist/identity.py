@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.outputs import write_json
 
@@ -73,3 +74,13 @@ def claim(directory: str | os.PathLike, identity: Mapping[str, Any], what: str, 
         directory.mkdir(parents=True, exist_ok=True)
         write_json(path, identity)
     return aside
+
+
+def claim_mirrored(mirror: storage.Mirror, identity: Mapping[str, Any], what: str, restart: bool = False) -> Path | None:
+    """`claim` of an output directory that may be a URI (its mirror's local copy, pulled first).
+    A URI's old files cannot be set aside (an object store has no rename of a directory, and
+    Ray's state there would be resumed), so `restart` is refused where the URI holds a run."""
+    if mirror.uri and restart and storage.is_file(storage.join(mirror.target, IDENTITY_FILE)):
+        raise ConfigError(f"--restart: {what} {mirror.target} already holds one, and files in a URI cannot be "
+                          "set aside; use another name, or delete it first")
+    return claim(mirror.local, identity, what, restart)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from resnet_dist import storage
 from resnet_dist.augment import normalize
 from resnet_dist.checkpoint import SERVING_ORDER, load_model
 from resnet_dist.checkpoint import resolve_checkpoint as _resolve
@@ -118,6 +119,8 @@ class Predictor:
 
 
 def checkpoint_id(path: str | os.PathLike) -> str:
+    if storage.is_uri(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:12]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -15,7 +15,7 @@ def add_sweep_args(p) -> None:
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="local", help="base settings (default: %(default)s)")
     a("--name", help="sweep name: the directory under --storage; re-running the same name resumes it")
-    a("--storage", help="where sweeps live: a local dir or a shared mount (NFS, a mounted bucket); default: runs")
+    a("--storage", help="where sweeps live: a local dir, a shared mount (NFS) or a URI (s3://bucket/prefix, gs://..., file://...); default: runs")
     a("--data", dest="data_dir", help="prepared Parquet data (default: data/cifar10)")
     a("--num-samples", type=int, help="trials to sample")
     a("--max-epochs", type=int, help="ASHA max_t: epochs of a trial never stopped")

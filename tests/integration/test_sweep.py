@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from resnet_dist.checkpoint import load_checkpoint
+from resnet_dist.storage import STAGING_ENV
 from tests.integration.conftest import missing_dashboard_series, scraped_names
 
 # The module fixture (two sweep runs, up to 300 s + 420 s) counts toward its first test.
@@ -43,7 +44,7 @@ def make_three_class_folder(root: Path) -> Path:
     return root
 
 
-def sweep_cmd(data_dir: Path, storage: Path, folder: Path) -> list[str]:
+def sweep_cmd(data_dir: Path, storage: str, folder: Path) -> list[str]:
     return [sys.executable, "jobs/sweep.py", "--preset", "smoke", "--name", "smoke", "--storage", str(storage),
             "--data", str(data_dir), "--data-path", "device", "--finetune-mode", "full", "--finetune-data", str(folder),
             # Two trials at once (0.49 CPU, 1 thread each): a tiny trial is ~20 s of start-up
@@ -93,12 +94,17 @@ def sweep(ray_cluster, tiny_data_dir, tmp_path_factory):
     runs, the names of the series on Ray's metrics endpoint are collected."""
     tmp = tmp_path_factory.mktemp("sweep")
     folder = make_three_class_folder(tmp / "shapes")
+    # The sweep's storage is a file:// URI: everything the driver writes goes through its local
+    # staging copy and pyarrow.fs (resnet_dist.storage), Ray's own state straight to the URI;
+    # the tests below read the URI's directory as they would a plain --storage path's (which
+    # CI's first-run check of scripts/main.sh runs).
     storage = tmp / "runs"
     tune_dir = storage / "smoke" / "tune"
     scraped: set[str] = set()
+    env = {**os.environ, STAGING_ENV: str(tmp / "staging")}
 
     def start(log_name: str) -> subprocess.Popen:
-        return subprocess.Popen(sweep_cmd(tiny_data_dir, storage, folder), cwd=REPO,
+        return subprocess.Popen(sweep_cmd(tiny_data_dir, storage.as_uri(), folder), cwd=REPO, env=env,
                                 stdout=open(tmp / log_name, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     proc = start("first-run.log")
@@ -129,7 +135,7 @@ def sweep(ray_cluster, tiny_data_dir, tmp_path_factory):
         # shared cluster's CPUs for the tests after this module.
         kill_group(proc)
     return {"dir": storage / "smoke", "tune_dir": tune_dir, "finished_before_kill": before_kill, "stdout": out,
-            "scraped": scraped}
+            "scraped": scraped, "staging": tmp / "staging"}
 
 
 def test_finished_trials_are_not_rerun_after_the_driver_is_killed(sweep):
@@ -139,6 +145,23 @@ def test_finished_trials_are_not_rerun_after_the_driver_is_killed(sweep):
         assert after[trial_id] == rows, f"trial {trial_id} ran again after the resume"
         epochs = [r["epoch"] for r in after[trial_id]]
         assert len(epochs) == len(set(epochs))
+
+
+# What a sweep writes to STORAGE/NAME (cluster/sweep.py's docstring), a path or a URI alike.
+SWEEP_OUTPUTS = {"identity.json", "trials.csv", "best_config.json", "best.pt", "finetuned.pt", "finetune.json",
+                 "report.md", "summary.json", "asha_rungs.json", "val_acc.png", "confusion_before.png",
+                 "confusion_after.png", "tune", "train", "tensorboard", "mlruns", "finetune-data"}
+
+
+def test_a_sweep_at_a_uri_writes_the_same_outputs_as_at_a_path(sweep):
+    names = {p.name for p in sweep["dir"].iterdir()}
+    assert SWEEP_OUTPUTS <= names, SWEEP_OUTPUTS - names
+    assert ".driver.lock" not in names    # the lock stays with the driver's local copy
+    staged = [p for p in sweep["staging"].iterdir() if p.name.startswith("smoke-")]
+    assert len(staged) == 1 and (staged[0] / ".driver.lock").is_file()
+    assert (staged[0] / "report.md").read_bytes() == (sweep["dir"] / "report.md").read_bytes()
+    summary = json.loads((sweep["dir"] / "summary.json").read_text())
+    assert summary["sweep_dir"] == (sweep["dir"]).as_uri() and summary["report"].startswith("file://")
 
 
 def test_asha_stops_a_trial_early_and_the_best_trial_is_selected(sweep):

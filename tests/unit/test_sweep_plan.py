@@ -68,7 +68,7 @@ def _sweep_main():
     (["--grace-period", "5", "--max-epochs", "2"], "grace period 5"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
-    (["--storage", "s3://bucket/sweeps"], "URIs are not supported"),
+    (["--storage", "nosuch://bucket/sweeps"], "pyarrow cannot open it"),
     (["--finetune-epochs", "-1"], "finetune.epochs, finetune.subset and finetune.batch_size must be >= 0"),
     (["--finetune-backbone-lr-scale", "-1"], "finetune.backbone_lr_scale must be > 0"),
     (["--finetune-optimizer", "lamb"], "invalid choice: 'lamb'"),
