@@ -50,7 +50,8 @@ class SweepConfig:
     def sweep_dir(self) -> Path:
         """Where this driver reads and writes the sweep's files: STORAGE/NAME itself, or for a
         URI its local staging copy (mirrored to it: cluster/sweep.py)."""
-        return storage.Mirror(self.sweep_target).local
+        target = self.sweep_target
+        return storage.staging_dir(target) if storage.is_uri(target) else Path(target)
 
 
 PRESETS: dict[str, SweepConfig] = {

@@ -27,17 +27,15 @@ from resnet_dist.loader import ArrayLoader
 from resnet_dist.metrics import classification_report
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic, durable JSON write: a unique temp file beside `path` (two writers never share
-    one), fsync, then rename, so a reader never sees half a file, even after a crash. NaN and
-    infinities (e.g. "before" accuracy where the classes differ) are written as null: JSON has
-    no NaN, and other readers refuse it."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomic, durable write: a unique temp file beside `path` (two writers never share one),
+    fsync, then rename, so a reader never sees half a file, even after a crash."""
     path = Path(path)
-    text = json.dumps(_finite(obj), indent=2, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())   # mkstemp makes 0600; others on shared storage may read it
@@ -45,6 +43,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON written atomically (`atomic_write_bytes`). NaN and infinities (e.g. "before"
+    accuracy where the classes differ) are written as null: JSON has no NaN, and other readers
+    refuse it."""
+    atomic_write_bytes(path, json.dumps(_finite(obj), indent=2, allow_nan=False).encode())
 
 
 def _finite(x: Any) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -91,33 +90,17 @@ def read_bytes(target: str | os.PathLike) -> bytes:
     if not is_uri(target):
         return Path(target).read_bytes()
     fs, path = filesystem(str(target))
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        if "not found" in str(e).lower() or "does not exist" in str(e).lower():
-            raise FileNotFoundError(str(target)) from None
-        raise
+    with fs.open_input_stream(path) as f:   # a missing object is an OSError (FileNotFoundError on file://)
+        return f.read()
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:
     """Write a whole file. Objects in a bucket appear whole or not at all; on a file system the
     bytes go to a temporary name first and are renamed into place."""
     if not is_uri(target):
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from resnet_dist.outputs import atomic_write_bytes   # outputs imports torch; only paths need it
+
+        atomic_write_bytes(target, data)
         return
     fs, path = filesystem(str(target))
     fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
