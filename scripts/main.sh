@@ -37,5 +37,19 @@ fi
 NOISE='^[0-9-]+ [0-9:,]+\s+(INFO (cli|packaging|dashboard_sdk|job_manager)\.py:|SUCC cli\.py:[0-9]+ -- .?(\[[0-9]+m)?-+|WARNING working_dir\.py:[0-9]+ -- Directory .* is now ignored by default)'
 quiet() { if [ "$verbose" = 1 ]; then cat; else grep --line-buffered -v -E "$NOISE" || true; fi; }
 # Absolute paths: the job runs in a copy of this checkout (--working-dir), without data/ and runs/.
-ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-  python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@" 2>&1 | quiet
+# Just after `ray start`, the dashboard may not yet have the agent that runs jobs: the submit is
+# refused ("No available agent to submit job") before any job exists, so it is safe to retry.
+mkdir -p runs
+for attempt in 1 2 3 4 5 6 7 8 9 10; do
+  set +e
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@" 2>&1 \
+    | tee runs/job-submit.log | quiet
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" = 0 ] || [ "$attempt" = 10 ] || ! grep -q "No available agent to submit job" runs/job-submit.log; then
+    exit "$rc"
+  fi
+  echo "Ray's job agent is not up yet; submitting again in 3 s"
+  sleep 3
+done
