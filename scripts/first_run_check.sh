@@ -34,7 +34,11 @@ echo "first-run check: HOME=$work/home scripts/main.sh --preset smoke --serve (c
 start=$(date +%s)
 if ! (cd "$clone" && env -u RAY_AUTH_TOKEN -u RAY_AUTH_TOKEN_PATH -u RAY_ADDRESS HOME="$work/home" \
       scripts/main.sh --preset smoke --serve) >"$log" 2>&1; then
-  tail -n 60 "$log"
+  # Each failed submit is a 40-line traceback: the first lines and Ray's own logs say more.
+  grep -v '^  ' "$log" | tail -n 40
+  for f in "$clone/runs/ray-start.log" /tmp/ray/session_latest/logs/dashboard_agent.log; do
+    [ -f "$f" ] && { echo "--- tail of $f"; tail -n 30 "$f"; }
+  done
   echo "first-run check: FAILED: scripts/main.sh --preset smoke exited non-zero" >&2
   exit 1
 fi

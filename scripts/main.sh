@@ -40,14 +40,17 @@ quiet() { if [ "$verbose" = 1 ]; then cat; else grep --line-buffered -v -E "$NOI
 # Just after `ray start`, the dashboard may not yet have the agent that runs jobs: the submit is
 # refused ("No available agent to submit job") before any job exists, so it is safe to retry.
 mkdir -p runs
-for attempt in 1 2 3 4 5 6 7 8 9 10; do
+for attempt in $(seq 1 20); do   # up to a minute
   set +e
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
     python jobs/sweep.py --preset local --data "$PWD/data/cifar10" --storage "$PWD/runs" "$@" 2>&1 \
     | tee runs/job-submit.log | quiet
   rc=${PIPESTATUS[0]}
   set -e
-  if [ "$rc" = 0 ] || [ "$attempt" = 10 ] || ! grep -q "No available agent to submit job" runs/job-submit.log; then
+  if [ "$rc" = 0 ] || [ "$attempt" = 20 ] || ! grep -q "No available agent to submit job" runs/job-submit.log; then
+    if [ "$rc" != 0 ] && grep -q "No available agent to submit job" runs/job-submit.log; then
+      echo "error: Ray's job agent did not come up within a minute; see /tmp/ray/session_latest/logs/dashboard_agent.log" >&2
+    fi
     exit "$rc"
   fi
   echo "Ray's job agent is not up yet; submitting again in 3 s"

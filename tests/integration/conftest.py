@@ -54,6 +54,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     token_path.write_text(secrets.token_hex(32))
     env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    # Ports of its own for every agent and server too, off Ray's defaults (52365, 10001, ...): a
+    # straggler of this cluster must never hold the port a later `ray start` of the machine
+    # wants (scripts/first_run_check.sh runs right after the suite; "No available agent to
+    # submit job" was what a held agent port looked like there).
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     # Every process of the cluster inherits this. Ray Train's PlacementGroupCleaner (which frees
     # the workers' CPUs when Tune stops a trial under a live Train run) finds the state API by it;
     # without it, it would look in /tmp/ray/ray_current_cluster, which names some other cluster
@@ -61,7 +67,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     start = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         f"--metrics-export-port={metrics}", *agent_ports, "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         env=env, capture_output=True, text=True, timeout=180,
     )
     if start.returncode != 0:
