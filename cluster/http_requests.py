@@ -16,6 +16,7 @@ import base64
 import binascii
 import email.parser
 import email.policy
+import hmac
 import json
 from http import HTTPStatus
 
@@ -28,9 +29,25 @@ BATCH_TYPE = "application/json"
 class RequestError(ValueError):
     """A request refused before it reaches the model; `status` is the HTTP status code to answer with."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = int(status)
+        self.headers = dict(headers or {})
+
+
+def authorize(request: Request, api_key: str | None) -> None:
+    """RequestError 401 unless the request carries `api_key` (`Authorization: Bearer <key>` or
+    `X-API-Key: <key>`); nothing is checked when no key is configured."""
+    if not api_key:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    # Constant time, so the comparison does not leak how much of a guess was right.
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise RequestError("missing or wrong API key (send Authorization: Bearer <key>)", HTTPStatus.UNAUTHORIZED,
+                           {"WWW-Authenticate": "Bearer"})
 
 
 def media_type(content_type: str | None) -> str:

@@ -18,6 +18,8 @@ import asyncio
 import dataclasses
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,8 @@ from ray.serve.metrics import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.http_requests import (
-    BATCH_TYPE, SINGLE_IMAGE_TYPES, RequestError, decode_batch_json, multipart_file, read_body, require_media_type,
+    BATCH_TYPE, SINGLE_IMAGE_TYPES, RequestError, authorize, decode_batch_json, multipart_file, read_body,
+    require_media_type,
 )
 from cluster.metrics import GaugeKeeper
 from resnet_dist import storage
@@ -78,6 +81,13 @@ class ServeConfig:
     max_batch_size: int = 16             # images per model call; 1 = batching off (live)
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill, s (live)
     max_ongoing_requests: int = 64       # per replica; also the largest batch that can form
+    # Requests waiting at each caller (proxy) for a replica slot; past it a 503 with Retry-After.
+    max_queued_requests: int = 256
+    retry_after_s: float = 1.0           # Retry-After of those 503s, s
+    # End to end per request at the proxy, s; past it a 408. Cluster-wide, set by the first
+    # serve.start like host and port (a config file sets it in http_options).
+    request_timeout_s: float = 60.0
+    decode_threads: int = 2              # images parsed and decoded at once per replica, off the event loop
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_images: int = 64           # images per /v1/predict/batch request
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # declared width*height limit (decompression bombs)
@@ -86,6 +96,13 @@ class ServeConfig:
     port: int = 8000
     route_prefix: str = "/"
     access_log: bool = True              # Serve's per-request log line in each replica
+    # The checkpoint file's content id (resnet_dist.inference.checkpoint_id) every replica must
+    # find, so a replica started later (autoscaling, a crash) cannot serve another file put at
+    # the same path. `deploy` pins it; "" = not pinned (a warning in each replica's log).
+    checkpoint_id: str = ""
+    # A file holding the API key required on /v1/* (a mounted Kubernetes Secret); "" = open.
+    # The key itself never enters the config, which the Serve dashboard shows.
+    api_key_file: str = ""
 
     @property
     def torch_threads(self) -> int:
@@ -101,8 +118,12 @@ class ServeConfig:
             (1 <= self.max_batch_size <= self.max_ongoing_requests,
              f"max_batch_size must be in [1, max_ongoing_requests={self.max_ongoing_requests}], got {self.max_batch_size}"),
             (self.batch_wait_timeout_s >= 0, f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}"),
-            (min(self.max_body_bytes, self.max_batch_images, self.max_image_pixels, self.top_k) >= 1,
-             "max_body_bytes, max_batch_images, max_image_pixels and top_k must be >= 1"),
+            (min(self.max_body_bytes, self.max_batch_images, self.max_image_pixels, self.top_k,
+                 self.max_queued_requests, self.decode_threads) >= 1,
+             "max_body_bytes, max_batch_images, max_image_pixels, top_k, max_queued_requests and "
+             "decode_threads must be >= 1"),
+            (self.retry_after_s >= 0 and self.request_timeout_s > 0,
+             "retry_after_s must be >= 0 and request_timeout_s > 0"),
             (self.route_prefix.startswith("/"), f"route_prefix must start with '/', got {self.route_prefix!r}"),
         ]
         for ok, message in checks:
@@ -151,7 +172,9 @@ async def _input_error(request: Request, e: InputError) -> JSONResponse:
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, e: RequestError) -> JSONResponse:
-    return _error(e.status, str(e))
+    response = _error(e.status, str(e))
+    response.headers.update(e.headers)
+    return response
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -202,6 +225,24 @@ def model_info_gauge() -> Gauge:
     return Gauge(MODEL_INFO_METRIC, description="1 for the model being served", tag_keys=("version", "flavor"))
 
 
+def read_api_key(path: str) -> str:
+    """The API key in file `path` (surrounding whitespace dropped); ConfigError if unreadable or empty."""
+    try:
+        key = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"api_key_file {path}: cannot read it ({type(e).__name__})") from None
+    if not key:
+        raise ConfigError(f"api_key_file {path} is empty")
+    return key
+
+
+def check_pin(cfg: "ServeConfig", found: str) -> None:
+    """ConfigError unless the checkpoint file's content id `found` is the one `cfg` is pinned to."""
+    if cfg.checkpoint_id and found != cfg.checkpoint_id:
+        raise ConfigError(f"checkpoint {cfg.checkpoint} has content id {found}, but this deployment is pinned to "
+                          f"{cfg.checkpoint_id}: the file changed; deploy it again to serve it as a new version")
+
+
 TOP_K_QUERY = Query(None, ge=1, le=1000, description="classes per image (default: the server's top_k)")
 
 
@@ -214,7 +255,16 @@ class Classifier:
         # Batching settings arrive through reconfigure(user_config), never from `cfg`.
         torch.set_num_threads(cfg.torch_threads)   # replicas share the node's cores
         self.cfg = cfg
+        self.api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
         self.predictor = load_predictor(cfg.checkpoint)
+        # The hash of the bytes just loaded, not of the path: refuse to serve another model.
+        check_pin(cfg, self.predictor.checkpoint_id)
+        if not cfg.checkpoint_id:
+            log.warning("serving %s (content id %s) unpinned: set checkpoint_id so that every replica "
+                        "serves this file", cfg.checkpoint, self.predictor.checkpoint_id)
+        # Body parsing and image decoding run here, so the event loop keeps answering /healthz
+        # and reading other requests; at most decode_threads images are decoded at once.
+        self.decode_pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         # What the batcher was last set to (reported by /v1/model). Kept here because the
         # @serve.batch wrapper has public setters but no public getters.
         self.batching = cfg.user_config()
@@ -237,8 +287,23 @@ class Classifier:
         probs = await asyncio.to_thread(predict_probs, self.predictor, np.stack(images))
         return [(row, len(images)) for row in probs]
 
-    def _decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, IMAGE_SIZE, self.cfg.max_image_pixels)
+    async def _offload(self, fn, *args):
+        """fn(*args) in the decode pool (its exceptions propagate as if called here)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    def _decode_one(self, body: bytes, content_type: str, kind: str) -> np.ndarray:
+        if kind == "multipart/form-data":
+            body = multipart_file(body, content_type)
+        return decode_image(body, IMAGE_SIZE, self.cfg.max_image_pixels)
+
+    def _decode_many(self, body: bytes) -> list[np.ndarray]:
+        images = []
+        for i, data in enumerate(decode_batch_json(body, self.cfg.max_batch_images)):
+            try:
+                images.append(decode_image(data, IMAGE_SIZE, self.cfg.max_image_pixels))
+            except InputError as e:   # name the culprit; still the image's fault, so a 400
+                raise RequestError(f"images[{i}]: {e}") from None
+        return images
 
     def _top(self, probs: torch.Tensor, k: int | None) -> list[dict[str, Any]]:
         return top_classes(probs[None], self.predictor.classes, k or self.cfg.top_k)[0]
@@ -246,34 +311,33 @@ class Classifier:
     @app.post("/v1/predict", openapi_extra=SINGLE_BODY_DOC,
               summary="Classify one PNG/JPEG image (raw body or multipart field `file`)")
     async def predict(self, request: Request, top_k: int | None = TOP_K_QUERY) -> dict[str, Any]:
+        authorize(request, self.api_key)
         content_type = request.headers.get("content-type", "")
         kind = require_media_type(content_type, SINGLE_IMAGE_TYPES)
         body = await read_body(request, self.cfg.max_body_bytes)
-        if kind == "multipart/form-data":
-            body = multipart_file(body, content_type)
-        probs, batch = await self.predict_batch(self._decode(body))
+        image = await self._offload(self._decode_one, body, content_type, kind)
+        probs, batch = await self.predict_batch(image)
         return {"predictions": self._top(probs, top_k), "model_version": self.predictor.version, "batch_size": batch}
 
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY_DOC,
               summary='Classify several images: {"images": [base64 PNG/JPEG, ...]}')
     async def predict_many(self, request: Request, top_k: int | None = TOP_K_QUERY) -> dict[str, Any]:
+        authorize(request, self.api_key)
         require_media_type(request.headers.get("content-type"), (BATCH_TYPE,))
-        raw = decode_batch_json(await read_body(request, self.cfg.max_body_bytes), self.cfg.max_batch_images)
-        images = []
-        for i, data in enumerate(raw):
-            try:
-                images.append(self._decode(data))
-            except InputError as e:   # name the culprit; still the image's fault, so a 400
-                raise RequestError(f"images[{i}]: {e}") from None
+        images = await self._offload(self._decode_many, await read_body(request, self.cfg.max_body_bytes))
         results = await asyncio.gather(*(self.predict_batch(x) for x in images))
         return {"predictions": [self._top(p, top_k) for p, _ in results], "model_version": self.predictor.version,
                 "batch_sizes": [b for _, b in results]}
 
     @app.get("/v1/model", summary="The model being served and the current batching settings")
-    async def model(self) -> dict[str, Any]:
+    async def model(self, request: Request) -> dict[str, Any]:
+        authorize(request, self.api_key)
         return {**self.predictor.info(), "batching": dict(self.batching),
                 "limits": {"max_body_bytes": self.cfg.max_body_bytes, "max_batch_images": self.cfg.max_batch_images,
-                           "max_image_pixels": self.cfg.max_image_pixels, "top_k": self.cfg.top_k}}
+                           "max_image_pixels": self.cfg.max_image_pixels, "top_k": self.cfg.top_k,
+                           "max_queued_requests": self.cfg.max_queued_requests,
+                           "request_timeout_s": self.cfg.request_timeout_s},
+                "api_key_required": self.api_key is not None}
 
     @app.get("/healthz", summary="Liveness and readiness (the model is loaded)")
     async def healthz(self) -> dict[str, Any]:
@@ -296,6 +360,8 @@ def build_app(cfg: ServeConfig):
     deployment = Classifier.options(
         **scaling_options(cfg),
         max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         user_config=cfg.user_config(),
         logging_config={"enable_access_log": cfg.access_log},
@@ -313,9 +379,7 @@ def scaling_options(cfg: ServeConfig) -> dict[str, Any]:
 
 
 # Fields that only `deploy` uses; a Serve config file sets them itself (http_options, route_prefix, name).
-DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix")
-# An app_builder argument that is not a ServeConfig field: see application_config.
-CHECKPOINT_ID_ARG = "checkpoint_id"
+DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix", "request_timeout_s")
 
 
 def app_builder(args: dict):
@@ -328,8 +392,6 @@ def app_builder(args: dict):
     pydantic model, which a generic alias breaks on Python 3.10.)
     """
     args = dict(args)
-    # Only part of the code version Serve derives from the args (see application_config).
-    args.pop(CHECKPOINT_ID_ARG, None)
     allowed = [f.name for f in dataclasses.fields(ServeConfig) if f.name not in DEPLOY_ONLY_FIELDS]
     unknown = sorted(set(args) - set(allowed))
     if unknown:

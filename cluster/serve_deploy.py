@@ -17,8 +17,8 @@ import ray
 from ray import serve
 
 from cluster.serve import (
-    CHECKPOINT_ID_ARG, DEPLOY_ONLY_FIELDS, DEPLOYMENT_NAME, IMPORT_PATH, LIVE_FIELDS, SCALING_FIELDS, ServeConfig,
-    resolved, scaling_options,
+    DEPLOY_ONLY_FIELDS, DEPLOYMENT_NAME, IMPORT_PATH, LIVE_FIELDS, SCALING_FIELDS, ServeConfig,
+    check_pin, resolved, scaling_options,
 )
 from resnet_dist.inference import checkpoint_id
 
@@ -29,13 +29,13 @@ def application_config(cfg: ServeConfig, runtime_env: dict[str, Any] | None = No
     Serve gives a config-file application the code version of its import path, runtime_env
     and args, and applies the `deployments` options to running replicas when that version is
     unchanged. So everything that needs new replicas is in `args` -- with the checkpoint's
-    content id, so that a new file at the same path replaces them too -- and the batching
+    content id (`checkpoint_id`), so that a new file at the same path is a new version, and a
+    replica that finds another file there refuses to start -- and the batching
     settings (user_config, reconfigure()) and replica counts are deployment options.
     """
-    cfg = resolved(cfg)
+    cfg = pinned(resolved(cfg))
     outside_args = LIVE_FIELDS + SCALING_FIELDS + DEPLOY_ONLY_FIELDS
     args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in outside_args}
-    args[CHECKPOINT_ID_ARG] = checkpoint_id(cfg.checkpoint)
     return {
         "name": cfg.name,
         "route_prefix": cfg.route_prefix,
@@ -44,6 +44,14 @@ def application_config(cfg: ServeConfig, runtime_env: dict[str, Any] | None = No
         "args": args,
         "deployments": [{"name": DEPLOYMENT_NAME, "user_config": cfg.user_config(), **scaling_options(cfg)}],
     }
+
+
+def pinned(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` pinned to the content id of its checkpoint file as it is now (ConfigError if `cfg`
+    already names another id: the file changed since that id was taken)."""
+    found = checkpoint_id(cfg.checkpoint)
+    check_pin(cfg, found)
+    return dataclasses.replace(cfg, checkpoint_id=found)
 
 
 def deploy(cfg: ServeConfig, timeout_s: float | None = None) -> str:
@@ -65,21 +73,28 @@ def deploy(cfg: ServeConfig, timeout_s: float | None = None) -> str:
     # Started from this driver (a no-op when Serve runs), not by the REST call from the
     # dashboard, so the controller and the processes it starts can import this code as the
     # replicas of serve.run could.
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    http = apply_application(app_config, timeout_s)
+    host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::", "") else http["host"]
+    return f"http://{host}:{http['port']}{cfg.route_prefix.rstrip('/')}"
+
+
+def apply_application(app_config: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """Apply one application of a Serve config file (`application_config`, or one written by hand
+    as in a RayService) beside the others running, and wait until it runs; returns Serve's http_options."""
+    name = app_config["name"]
     client = _rest_client()
     details = client.get_serve_details()
-    before = details.get("applications", {}).get(cfg.name, {}).get("last_deployed_time_s")
-    others = [app["deployed_app_config"] for name, app in details.get("applications", {}).items()
-              if name != cfg.name and app.get("deployed_app_config")]
+    before = details.get("applications", {}).get(name, {}).get("last_deployed_time_s")
+    others = [app["deployed_app_config"] for other, app in details.get("applications", {}).items()
+              if other != name and app.get("deployed_app_config")]
     # The running proxies' settings, not cfg's: HTTP options are cluster-wide, fixed by the
     # first serve.start, and a config that differs only earns a warning in the dashboard log.
     kept = {k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity")
             if details.get(k) is not None}
     client.deploy_applications({**kept, "applications": [*others, app_config]})
-    _wait_running(cfg.name, before, timeout_s)
-    http = details["http_options"]
-    host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::", "") else http["host"]
-    return f"http://{host}:{http['port']}{cfg.route_prefix.rstrip('/')}"
+    _wait_running(name, before, timeout_s)
+    return details["http_options"]
 
 
 def _rest_client():

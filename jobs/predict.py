@@ -1,6 +1,10 @@
 """Classify images with a running server (see jobs/serve.py).
 
     python jobs/predict.py cat.png dog.jpg [--url http://127.0.0.1:8000] [--top 3]
+    RESNET_DIST_API_KEY=... python jobs/predict.py cat.png --url https://classifier.example.com
+
+The API key, when the server requires one, comes from $RESNET_DIST_API_KEY or --api-key-file
+(never from the command line, where other users of the machine could read it).
 
 Exit codes: 2 for bad input (a missing file, or an image the server refused
 with 4xx), 1 when the server cannot be reached or fails (5xx).
@@ -9,6 +13,7 @@ with 4xx), 1 when the server cannot be reached or fails (5xx).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import httpx
@@ -24,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
     p.add_argument("--top", type=int, default=3, help="classes shown per image (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s (default: %(default)s)")
+    p.add_argument("--api-key-file", type=Path, help="file holding the server's API key (default: $RESNET_DIST_API_KEY)")
     return p.parse_args(argv)
 
 
@@ -36,7 +42,12 @@ def main(argv=None) -> None:
     for col in ("image", "class", "probability", "runners-up"):
         table.add_column(col)
     version = ""
-    with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout) as client:
+    try:
+        key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("RESNET_DIST_API_KEY", "")
+    except OSError as e:
+        die(f"{args.api_key_file}: cannot read the API key ({type(e).__name__})")
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout, headers=auth) as client:
         for path in args.images:
             try:
                 r = client.post("/v1/predict", content=path.read_bytes(),

@@ -2,6 +2,7 @@
 
     python jobs/serve.py runs/train-X                 # a run dir (best.pt), a checkpoint file or a sweep dir
     python jobs/serve.py sweeps/s1 --replicas 2 --max-batch-size 32 --batch-wait-ms 5
+    python jobs/serve.py sweeps/s1 --print-config     # the pinned Serve application, for a RayService
 
 With RAY_ADDRESS set (a `ray job submit` job, or a `ray start` cluster named
 explicitly) the app is deployed there and this script exits; the app keeps
@@ -13,6 +14,7 @@ started here dies with this process anyway.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -34,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--api-key-file", default="", help="require the key in this file on /v1/* (default: open)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the application as a Serve config (YAML, checkpoint_id pinned) and exit")
     return p.parse_args(argv)
 
 
@@ -41,14 +46,23 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         load_checkpoint(resolve_checkpoint(args.checkpoint))   # fail fast, before Ray starts
-        from cluster.serve import ServeConfig
+        from cluster.serve import ServeConfig, read_api_key
         from cluster.serve_deploy import deploy
 
         cfg = ServeConfig(
             checkpoint=args.checkpoint, replicas=args.replicas, max_replicas=args.max_replicas,
             max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads, host=args.host, port=args.port,
+            api_key_file=args.api_key_file,
         ).validated()
+        if cfg.api_key_file:
+            read_api_key(cfg.api_key_file)   # unreadable or empty: say so here, not in a replica log
+        if args.print_config:
+            from cluster.serve_deploy import application_config
+
+            # JSON is YAML too: it goes into a Serve config file or a RayService's serveConfigV2 as it is.
+            print(json.dumps({"applications": [application_config(cfg)]}, indent=2))
+            return
     except (CheckpointError, ConfigError) as e:
         die(str(e))
     from ray import serve

@@ -53,7 +53,7 @@ K8S_VERSION = "1.30"
 SHARED_MOUNT = "/mnt/shared"
 GPU = "nvidia.com/gpu"
 GPUS_PER_TRAIN_WORKER = 1   # ScalingConfig(use_gpu=True) without a GPU entry in resources_per_worker
-PLACEHOLDERS = {"REGISTRY", "STORAGE_CLASS", "GPU_TYPE", "CHANGE_ME", "REDIS_HOST"}
+PLACEHOLDERS = {"REGISTRY", "STORAGE_CLASS", "GPU_TYPE", "CHANGE_ME", "REDIS_HOST", "CHECKPOINT_ID"}
 
 
 # --------------------------------------------------------------------------- loading

@@ -20,10 +20,10 @@ from PIL import Image
 from starlette.requests import Request
 
 from cluster.http_requests import (
-    RequestError, decode_batch_json, media_type, multipart_file, read_body, require_media_type,
+    RequestError, authorize, decode_batch_json, media_type, multipart_file, read_body, require_media_type,
 )
 from resnet_dist.checkpoint import CheckpointError
-from resnet_dist.inference import InputError, decode_image, resolve_checkpoint, top_k
+from resnet_dist.inference import DEFAULT_MAX_IMAGE_PIXELS, InputError, checkpoint_id, decode_image, resolve_checkpoint, top_k
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,31 @@ def test_decompression_bomb_is_refused_from_the_header(side: int, monkeypatch: p
 def test_pixel_limit_is_configurable(rgb32: np.ndarray) -> None:
     with pytest.raises(InputError, match="32x32 exceeds 1000 pixels"):
         decode_image(encode(rgb32), max_pixels=1000)
+
+
+def test_default_pixel_cap_is_a_megapixel_and_big_jpegs_decode_at_a_reduced_scale(monkeypatch) -> None:
+    """A 32x32 model needs no more than 1024x1024, and a big JPEG is decoded at 1/8 scale (draft)."""
+    assert DEFAULT_MAX_IMAGE_PIXELS == 1024 * 1024
+    with pytest.raises(InputError, match="1025x1024 exceeds 1048576 pixels"):
+        decode_image(png_header_only(1025, 1024))
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    smooth = np.stack([xx // 4, yy // 4, (xx + yy) // 8], axis=-1).astype(np.uint8)
+    data = encode(smooth, "JPEG")
+    decoded: list[tuple[int, int]] = []
+    from PIL import ImageFile
+
+    load = ImageFile.ImageFile.load
+
+    def spy(self):
+        decoded.append(self.size)   # the size PIL decodes at, after draft()
+        return load(self)
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", spy)
+    out = decode_image(data)
+    assert out.shape == (32, 32, 3) and decoded and decoded[0] == (128, 128)
+    # Close to the full-resolution decode resized the same way (JPEG's own DCT scaling differs a little).
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+    assert np.abs(out.astype(int) - full.astype(int)).mean() < 3
 
 
 def test_media_type() -> None:
@@ -226,6 +251,33 @@ def test_read_body_joins_chunks_up_to_the_limit() -> None:
     assert asyncio.run(read_body(body_request([b"abcde", b"fghij"], {}), limit=10)) == b"abcdefghij"
 
 
+def test_api_key_from_a_bearer_token_or_x_api_key_header() -> None:
+    authorize(body_request([], {}), None)   # no key configured: open
+    for ok in ({"authorization": "Bearer s3cret"}, {"Authorization": "bearer s3cret"}, {"x-api-key": "s3cret"}):
+        authorize(body_request([], ok), "s3cret")
+    for bad in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic s3cret"}, {"x-api-key": ""},
+                {"authorization": "Bearer s3cret", "x-api-key": "nope"}):
+        with pytest.raises(RequestError, match="API key") as err:
+            authorize(body_request([], bad), "s3cret")
+        assert err.value.status == 401 and err.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_api_key_file_is_read_once_and_must_hold_a_key(tmp_path: Path) -> None:
+    from cluster.serve import ServeConfig, read_api_key
+    from resnet_dist.config import ConfigError
+
+    (tmp_path / "key").write_text("  s3cret\n")   # as a Kubernetes Secret volume holds it
+    assert read_api_key(str(tmp_path / "key")) == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    for path, message in ((tmp_path / "empty", "is empty"), (tmp_path / "missing", "cannot read it")):
+        with pytest.raises(ConfigError, match=message):
+            read_api_key(str(path))
+    for bad, message in ((dict(max_queued_requests=0), "max_queued_requests"), (dict(decode_threads=0), "decode_threads"),
+                         (dict(request_timeout_s=0), "request_timeout_s")):
+        with pytest.raises(ConfigError, match=message):
+            ServeConfig(checkpoint="x", **bad).validated()
+
+
 def test_resnet_dist_knows_nothing_of_http_or_ray() -> None:
     """resnet_dist imports no web framework or Ray, and inference holds no HTTP status codes."""
     banned = {"fastapi", "starlette", "ray", "httpx", "aiohttp"}
@@ -295,8 +347,14 @@ def test_deploy_applies_a_valid_serve_config_whose_code_version_ignores_batching
                   dataclasses.replace(cfg, top_k=3)):
         assert version(heavy) != version(cfg)
     before = version(cfg)
+    assert base["args"]["checkpoint_id"] == checkpoint_id(checkpoint_file)   # what every replica must find
     checkpoint_file.write_bytes(b"weights v2")   # a new model at the same path replaces the replicas
     assert version(cfg) != before
+    assert application_config(cfg)["args"]["checkpoint_id"] == checkpoint_id(checkpoint_file)
+    # A config pinned to the old file refuses the new one, in deploy as in a replica.
+    from resnet_dist.config import ConfigError
+    with pytest.raises(ConfigError, match="pinned to"):
+        application_config(dataclasses.replace(cfg, checkpoint_id=base["args"]["checkpoint_id"]))
     # The job's runtime_env (a submitted job's working_dir) goes with it, so replicas import this code.
     env = {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}
     assert serve_config_file(application_config(cfg, env)).applications[0].runtime_env == env
