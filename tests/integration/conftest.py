@@ -43,7 +43,10 @@ class LocalCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     # Metrics exported every 2 s (default 10 s), so a scrape sees short test runs' metrics.
-    env = {**os.environ, **SERVE_ENV, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "2000"}
+    # A stopping replica behind HAProxy drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+    # (30 s by default) so HAProxy can take it out of rotation; the tests delete apps as they go.
+    env = {**os.environ, **SERVE_ENV, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "2000",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     # Its own short temp dir (socket paths are limited to ~107 bytes) marks this cluster's
     # processes, so teardown stops them and not a Ray the developer runs beside the tests.
     temp_dir = tempfile.mkdtemp(prefix="rdt-", dir="/tmp")
