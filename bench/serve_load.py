@@ -65,6 +65,8 @@ INGRESS_ENV = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from termui.cli import add_serve_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir (best.pt) or sweep dir")
     p.add_argument("--data", default="data/cifar10", help="prepared data set whose test images are sent "
@@ -75,12 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw-seconds", type=float, default=5.0, help="duration of each raw measurement, s")
     p.add_argument("--soak-seconds", type=float, default=60.0, help="soak duration, s (default: %(default)s)")
     p.add_argument("--malformed", type=int, default=1000, help="malformed requests in the soak (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="batching-on max batch size (default: %(default)s)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch wait timeout, ms (default: %(default)s)")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
-    p.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1 (default: %(default)s)")
+    add_serve_args(p)   # the replica and batching options of jobs/serve.py (batching on: --max-batch-size)
     p.add_argument("--peer-port", type=int, default=8100, help="port of the plain uvicorn peer (default: %(default)s)")
     p.add_argument("--no-peer", action="store_true", help="skip the plain-server comparison")
     p.add_argument("--batch-images", type=int, nargs="+", default=[16, 64],

@@ -19,7 +19,7 @@ import os
 import time
 
 from resnet_dist.checkpoint import CheckpointError, load_checkpoint
-from termui.cli import die, job_parser
+from termui.cli import add_serve_args, die, job_parser
 from resnet_dist.config import ConfigError
 from resnet_dist.inference import resolve_checkpoint
 
@@ -27,15 +27,10 @@ from resnet_dist.inference import resolve_checkpoint
 def parse_args(argv=None) -> argparse.Namespace:
     p = job_parser(__doc__, ray=True)
     p.add_argument("checkpoint", help="checkpoint file, run directory or sweep directory; a path or a URI (s3://...)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
+    add_serve_args(p)   # --replicas, --max-batch-size, --batch-wait-ms, --num-cpus, --threads, --port
     p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0 = fixed)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="images per model call; 1 = no batching (default: %(default)s)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill, ms (default: %(default)s)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--api-key-file", default="", help="require the key in this file on /v1/* (default: open)")
     p.add_argument("--print-config", action="store_true",
                    help="print the application as a Serve config (YAML, checkpoint_id pinned) and exit")

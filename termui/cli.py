@@ -45,6 +45,17 @@ def job_parser(doc: str | None, ray: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The replica and batching options that jobs/serve.py and bench/serve_load.py share
+    (cluster.serve.ServeConfig fields; the batch wait in ms)."""
+    p.add_argument("--replicas", type=int, default=1, help="replicas (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per model call; 1 = no batching (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill, ms (default: %(default)s)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+
+
 def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
                     base: RunConfig | None = None) -> None:
     """Add one flag per config field (except those in `skip`), grouped by section.
