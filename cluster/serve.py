@@ -41,8 +41,8 @@ from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
-    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, load_predictor, open_image, predict_probs,
-    resolve_checkpoint, top_k as top_classes,
+    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, load_predictor,
+    open_image, predict_probs, resolve_checkpoint, top_k as top_classes,
 )
 
 log = logging.getLogger("ray.serve")
@@ -197,7 +197,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 async def _json_500(request: Request, e: Exception) -> JSONResponse:
     """Turn crashes into a one-line JSON 500 (Serve counts and times every response itself).
     An exception handler, not an @app.middleware: Starlette's BaseHTTPMiddleware runs every
-    request through an extra task and memory stream (docs/benchmarks.md: ~309 -> ~353 req/s)."""
+    request through an extra task and memory stream, on the hot path of every request."""
     log.error("unhandled error in %s", request.url.path, exc_info=e)   # a bug, not bad input
     return _error(500, "internal server error")
 
@@ -266,8 +266,9 @@ class Classifier:
         if not cfg.checkpoint_id:
             log.warning("serving %s (content id %s) unpinned: set checkpoint_id so that every replica "
                         "serves this file", cfg.checkpoint, self.predictor.checkpoint_id)
-        # Body parsing and image decoding run here, so the event loop keeps answering /healthz
-        # and reading other requests; at most decode_threads images are decoded at once.
+        # Large images, batch bodies and large multipart bodies are parsed and decoded here, so the
+        # event loop keeps answering /healthz and reading other requests; at most decode_threads
+        # at once. Small images are decoded inline (_decode_one).
         self.decode_pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         # What the batcher was last set to (reported by /v1/model). Kept here because the
         # @serve.batch wrapper has public setters but no public getters.

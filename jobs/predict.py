@@ -44,8 +44,10 @@ def main(argv=None) -> None:
     version = ""
     try:
         key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("RESNET_DIST_API_KEY", "")
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         die(f"{args.api_key_file}: cannot read the API key ({type(e).__name__})")
+    if args.api_key_file and not key:
+        die(f"{args.api_key_file}: the API key file is empty")
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=args.url.rstrip("/"), timeout=args.timeout, headers=auth) as client:
         for path in args.images:

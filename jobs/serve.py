@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
     p.add_argument("--api-key-file", default="", help="require the key in this file on /v1/* (default: open)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the application as a Serve config (YAML, checkpoint_id pinned) and exit")
+                   help="print the application as a Serve config (JSON, which is YAML; checkpoint_id pinned) and exit")
     return p.parse_args(argv)
 
 

@@ -279,7 +279,7 @@ def test_api_key_is_required_on_v1_and_health_stays_open(served, test_images) ->
 
 
 def big_png(image: np.ndarray, side: int = 1024) -> bytes:
-    """`image` upscaled to side x side (the most the server accepts): a PNG of a few hundred kB."""
+    """`image` upscaled to side x side (the most the server accepts): a PNG of just under 1 MB."""
     return png(np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR)))
 
 

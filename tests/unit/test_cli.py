@@ -48,3 +48,20 @@ def test_a_bad_elastic_range_is_one_line_before_ray_is_touched(tiny_data_dir, tm
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "min workers" in err, err
     assert not connected
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("job, argv, message", [
+    ("predict", ["{img}", "--api-key-file", "{missing}"], "cannot read the API key"),
+    ("predict", ["{img}", "--api-key-file", "{empty}"], "the API key file is empty"),
+    ("serve", ["{missing}"], "missing"),
+])
+def test_bad_serving_inputs_are_one_line_before_anything_is_contacted(job, argv, message, tmp_path, capsys):
+    """A missing or empty API key file, a missing checkpoint: one line, exit 2, no server or Ray touched."""
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    (tmp_path / "empty").write_text("\n")
+    paths = {"img": tmp_path / "a.png", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    with pytest.raises(SystemExit) as exit_:
+        _main(job)([a.format(**paths) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err
