@@ -75,15 +75,19 @@ class LiveTrials(tune.Callback):
     def _table(self):
         from rich.table import Table
 
-        t = Table(title="ASHA sweep")
+        t = Table(title="sweep")
         for col in ("trial", "status", "model", "optimizer", "lr", "epoch", "val acc"):
             t.add_column(col, justify="right")
         for tid, r in self.rows.items():
-            t.add_row(tid, r["status"], r["model"], r["optimizer"], r["lr"], str(r.get("epoch", "")),
+            t.add_row(tid, r["status"], r["model"], r["optimizer"], r["lr"],
+                      f"{r['epoch']:.2f}" if "epoch" in r else "",
                       f"{r['val_acc']:.2%}" if "val_acc" in r else "")
         return t
 
-    def _update(self, trial, status: str, result: dict | None = None) -> None:
+    def _update(self, trial, status: str, result: dict | None = None, trials=()) -> None:
+        for other in trials:   # paused, stopped and pending trials have no event of their own
+            if other is not trial and other.trial_id in self.rows:
+                self.rows[other.trial_id]["status"] = other.status
         c = trial.config
         row = self.rows.setdefault(trial.trial_id, {
             "model": f"{c['flavor']} x{c['width']:g}", "optimizer": c["optimizer"],
@@ -91,7 +95,7 @@ class LiveTrials(tune.Callback):
         changed = row["status"] != status or bool(result)
         row["status"] = status
         if result:
-            row.update(epoch=int(result.get("epoch", 0)), val_acc=float(result.get("val_acc", 0.0)))
+            row.update(epoch=float(result.get("epoch", 0)), val_acc=float(result.get("val_acc", 0.0)))
         if self.live is not None:
             self.live.update(self._table())
         if changed and not self._terminal:
@@ -103,11 +107,8 @@ class LiveTrials(tune.Callback):
 
         line = f"trial {trial_id} ({row['model']}, {row['optimizer']}, lr {row['lr']}): {row['status']}"
         if result:
-            epoch_s = float(result.get("epoch_s", 0.0))
-            left = max(0, self.max_epochs - row["epoch"])
-            line += (f", epoch {row['epoch']}/{self.max_epochs}: val acc {row['val_acc']:.2%}, "
-                     f"{float(result.get('images_per_s', 0.0)):.0f} img/s, {epoch_s:.1f} s/epoch"
-                     + (f", ETA {left * epoch_s:.0f} s if ASHA keeps it" if left else ""))
+            line += (f", epoch {row['epoch']:.2f}/{self.max_epochs} ({int(result.get('images_seen', 0)):,} images): "
+                     f"val acc {row['val_acc']:.2%}, {float(result.get('images_per_s', 0.0)):.0f} img/s")
         console.print(line, soft_wrap=True)
 
     def setup(self, **info) -> None:
@@ -121,16 +122,18 @@ class LiveTrials(tune.Callback):
             self.live.start()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._update(trial, "RUNNING")
+        self._update(trial, "RUNNING", trials=trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._update(trial, "RUNNING", result)
+        self._update(trial, "RUNNING", result, trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._update(trial, "DONE" if self.rows[trial.trial_id].get("epoch") else "TERMINATED")
+        epoch = self.rows[trial.trial_id].get("epoch", 0)
+        self._update(trial, "DONE" if epoch >= self.max_epochs else "STOPPED at a rung" if epoch else "TERMINATED",
+                     trials=trials)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._update(trial, "ERROR")
+        self._update(trial, "ERROR", trials=trials)
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.live is not None:

@@ -28,6 +28,9 @@ class Resources:
     # checkpoint with as few as this many workers (and grows back when capacity returns);
     # 0 = a fixed size of `workers`.
     min_workers: int = 0
+    # A one-worker sweep trial trained in the Tune trial's own process (cluster/trial.py),
+    # which asks for `cpus_per_worker` CPUs (and the GPU) itself.
+    in_process: bool = False
 
     def num_workers(self) -> int | tuple[int, int]:
         """ScalingConfig's num_workers: fixed, or (min, max) when elastic."""
@@ -64,8 +67,34 @@ def plan_resources(workers: int, max_concurrent: int, cpus: float, gpus: float, 
     return Resources(workers, False, cpus_per_worker, threads, concurrent, "pipeline")
 
 
+def plan_in_process(max_concurrent: int, cpus: float, gpus: float, node_cores: int) -> Resources:
+    """One-worker trials in their own Tune process on the device data path (no Ray Data, so
+    no CPU kept for it): the cluster's CPUs (or GPUs) shared among `max_concurrent` trials,
+    which is what bounds how many run at once."""
+    if gpus >= 1:
+        concurrent = max(1, min(max_concurrent, int(gpus)))
+        cpus_each = max(1.0, math.floor(cpus / concurrent))
+        return Resources(1, True, cpus_each, int(cpus_each), concurrent, "device", in_process=True)
+    concurrent = max(1, min(max_concurrent, int(cpus)))
+    return Resources(1, False, cpus / concurrent, max(1, node_cores // concurrent), concurrent, "device",
+                     in_process=True)
+
+
 def plan_for_cluster(workers: int, max_concurrent: int = 1) -> Resources:
     """`plan_resources` for the connected Ray cluster (its CPUs and GPUs, this node's cores)."""
     from cluster.runtime import cluster_cpus, cluster_gpus
 
     return plan_resources(workers, max_concurrent, cluster_cpus(), cluster_gpus(), os.cpu_count() or 1)
+
+
+def plan_trials_in_process(max_concurrent: int) -> Resources:
+    """`plan_in_process` for the connected Ray cluster's free CPUs: a trial that asked for all
+    of them would wait forever beside a Ray Serve replica of an earlier run holding one."""
+    import ray
+
+    from cluster.runtime import cluster_gpus
+
+    free = float(ray.available_resources().get("CPU", 0))
+    if free < 1:
+        raise ConfigError(f"the Ray cluster has {free:g} CPUs free; a trial needs at least 1")
+    return plan_in_process(max_concurrent, math.floor(free), cluster_gpus(), os.cpu_count() or 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cluster.resources import check_workers
 from cluster.tracking import TrackingConfig, check_mlflow_uri
-from cluster.tune import AshaConfig, SearchSpace
+from cluster.tune import RungConfig, SearchSpace
 from resnet_dist import storage
 from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
 from resnet_dist.data import read_manifest
@@ -20,8 +20,12 @@ class SweepConfig:
     storage: str = "runs"
     data_dir: str = "data/cifar10"
     space: SearchSpace = field(default_factory=SearchSpace)
-    asha: AshaConfig = field(default_factory=AshaConfig)
+    rungs: RungConfig = field(default_factory=RungConfig)
     num_samples: int = 4
+    # The first trial is the centre of the space (SearchSpace.center: the preset's base recipe).
+    center_first: bool = True
+    # Trials validate on the first N val images (0 = all): the same images at every rung.
+    val_subset: int = 0
     workers_per_trial: int = 1
     # Elastic trials: after a lost node a trial goes on from its last checkpoint with as few
     # as this many workers; 0 = fixed at workers_per_trial (cluster/resources.py).
@@ -55,41 +59,43 @@ class SweepConfig:
 
 
 PRESETS: dict[str, SweepConfig] = {
-    # Tests: tiny model, tiny data, 4 trials. The search is seeded: with seed 0 the second trial
-    # samples lr_mult 0.053 (the first 0.52), learns nothing in its first epoch, and ASHA (top
-    # half continues) stops it there -- a stop the tests can count on, without more trials.
+    # Tests: tiny model, tiny data, 4 trials halved at 64 and 128 images (4 -> 2 -> 1). With
+    # seed 0 the sampled trials include lr_mult 0.053, which learns nothing by the first rung.
     "smoke": SweepConfig(
         space=SearchSpace(flavors=("debug",), lr_mult=(0.05, 2.0), batch_sizes=(32,)),
-        asha=AshaConfig(max_epochs=2, grace_period=1, reduction_factor=2), num_samples=4, max_concurrent=1,
+        rungs=RungConfig(max_epochs=2, first_rung_images=64, reduction_factor=2), num_samples=4, max_concurrent=1,
         # On the real CIFAR-10 (`scripts/main.sh --preset smoke`): 2,000 images an epoch, not
         # 45,000, so the whole loop takes minutes; the tests' tiny data sets are smaller anyway.
-        train_subset=2000,
+        train_subset=2000, data_path="device",
         finetune=FinetuneConfig(mode="head", backbone_lr_scale=0.1, epochs=1, lr=0.05, subset=2000),
     ),
-    # The README default: real CIFAR-10 on 2 CPU cores in <= 15 min for the whole pipeline.
-    # At ~300 img/s (ResNet-20, 2 cores) and ~40 s to start each trial, the budget goes to the
-    # final model: a short sweep (3 trials on 5,000-image epochs, ASHA keeping the top third
-    # at epoch 1), then fine-tuning of the selected model over all of train+val for 2 epochs
-    # (same classes, so its head is kept) with AdamW at 0.1: 70.9% test accuracy here, against
-    # 63.2% with SGD at 0.1 and 63.8% with AdamW at 0.003 (README). Device-side augmentation:
-    # on 2 cores it trains at the plain loop's speed, the Ray Data augmenting pipeline at about
-    # 0.55x (bench/train_throughput.py, docs/benchmarks.md).
+    # The README default: real CIFAR-10 on 2 CPU cores, the whole pipeline in about 15 min. The
+    # space is centred on the measured 4-epoch recipe (README: SGD-Nesterov, one-cycle to 0.6 at
+    # batch 128, 2-px crops, smoothing 0.2, wd 5e-4; 80.4% test): the first trial is the recipe
+    # itself. 9 trials halved x3 at 2,000 and 6,000 images (7 s and 20 s of training); the
+    # winner goes on in the same run to the recipe's 4 epochs on all of train, ~10 min of the
+    # budget, which leaves the search ~2 min. One trial at a time with both cores: ResNet-20
+    # trains 299 img/s at 2 threads against 366 img/s in all for two 1-thread processes, but
+    # the winner's 4 epochs, most of the budget, run alone. Fine-tuning: one short low-rate
+    # pass over 5,000 train+val images (README: what it bought).
     "local": SweepConfig(
-        space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd", "adamw"), lr_mult=(0.5, 2.0),
-                          batch_sizes=(128,), label_smoothing=(0.0, 0.1)),
-        asha=AshaConfig(max_epochs=2, grace_period=1, reduction_factor=3), num_samples=3, max_concurrent=1,
-        train_subset=5000, data_path="device", serve=True,
-        finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=0.5, epochs=2, lr=0.1,
-                                optimizer="adamw"),
+        space=SearchSpace(flavors=("resnet20",), widths=(1.0, 0.75), optimizers=("sgd",), lr_mult=(2.0, 4.5),
+                          weight_decay=(2.5e-4, 1e-3), batch_sizes=(128,), label_smoothing=(0.2, 0.1, 0.3),
+                          pads=(2, 3)),
+        rungs=RungConfig(max_epochs=4, first_rung_images=2000, reduction_factor=3), num_samples=9,
+        max_concurrent=1, val_subset=2500, data_path="device", serve=True,
+        finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=1.0, epochs=1, lr=0.02,
+                                optimizer="sgd", subset=5000),
     ),
-    # A GPU cluster: several workers per trial, deeper and wider nets, 30 epochs.
+    # A GPU cluster: several workers per trial, deeper and wider nets, 30 epochs, many trials
+    # at once: asynchronous ASHA (no pauses), first rung at 3 epochs.
     "cluster": SweepConfig(
         space=SearchSpace(flavors=("resnet18", "resnet56", "resnet110", "wrn16_4"), widths=(1.0, 2.0),
                           blocks=("basic", "bottleneck"), optimizers=("sgd", "adamw"), lr_mult=(0.25, 4.0),
                           weight_decay=(5e-5, 2e-3), momentum=(0.85, 0.9, 0.95), batch_sizes=(256, 512, 1024),
                           label_smoothing=(0.0, 0.1, 0.2), schedules=("onecycle", "cosine")),
-        asha=AshaConfig(max_epochs=30, grace_period=3, reduction_factor=3), num_samples=64, workers_per_trial=4,
-        min_workers_per_trial=2,
+        rungs=RungConfig(scheduler="asha", max_epochs=30, first_rung_images=135_000, reduction_factor=3),
+        num_samples=64, workers_per_trial=4, min_workers_per_trial=2,
         max_concurrent=8, finetune=FinetuneConfig(mode="full", backbone_lr_scale=0.1, epochs=5, lr=0.01),
     ),
 }
@@ -98,11 +104,16 @@ PRESETS: dict[str, SweepConfig] = {
 def validate(cfg: SweepConfig) -> None:
     """Clear errors before any trial starts."""
     cfg.space.validate()
-    cfg.asha.validate()
+    cfg.rungs.validate()
     cfg.finetune.validate()
     if cfg.data_path not in ("auto", "pipeline", "device"):
         raise ConfigError(f"--data-path must be auto, pipeline or device, got {cfg.data_path!r}")
     check_workers(cfg.workers_per_trial, cfg.min_workers_per_trial)
+    if cfg.rungs.scheduler == "halving" and not in_process(cfg):
+        raise ConfigError("--scheduler halving pauses trials that train in their own Tune process: one worker per "
+                          "trial on the device data path; use --scheduler asha for Ray Train trials")
+    if cfg.val_subset < 0:
+        raise ConfigError(f"--val-subset must be >= 0, got {cfg.val_subset}")
     if cfg.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {cfg.num_samples}")
     read_manifest(cfg.data_dir)
@@ -125,12 +136,27 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"storage {path} is not writable: {e.strerror or e}") from e
 
 
+def in_process(cfg: SweepConfig) -> bool:
+    """Whether each trial trains in its own Tune process (cluster/trial.py) rather than on Ray
+    Train: one worker, fed from memory (the device path; "auto" is the device path on GPUs and
+    for one worker alike, as no Ray Data pipeline is worth starting for it)."""
+    return cfg.workers_per_trial == 1 and cfg.data_path in ("device", "auto")
+
+
+def sweep_train_images(cfg: SweepConfig) -> int:
+    """Training images in one epoch of a trial (all of train, or `train_subset`)."""
+    n = read_manifest(cfg.data_dir)["counts"]["train"]
+    return min(n, cfg.train_subset) if cfg.train_subset else n
+
+
 def base_run_config(cfg: SweepConfig) -> RunConfig:
     return RunConfig().replace(
         data={"data_dir": str(Path(cfg.data_dir).resolve()), "train_subset": cfg.train_subset},
         # Trials are compared on plain val accuracy (flip TTA would double every epoch's eval);
-        # the test numbers before/after fine-tuning use TTA (resnet_dist.outputs).
-        train={"epochs": cfg.asha.max_epochs, "seed": cfg.seed, "eval_flip_tta": False},
+        # the test numbers before/after fine-tuning use TTA (resnet_dist.outputs). Every trial
+        # reports at each rung, wherever it falls in an epoch.
+        train={"epochs": cfg.rungs.max_epochs, "seed": cfg.seed, "eval_flip_tta": False,
+               "report_at_images": cfg.rungs.milestones(sweep_train_images(cfg), cfg.num_samples), "val_subset": cfg.val_subset},
     )
 
 

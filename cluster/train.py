@@ -76,12 +76,10 @@ class RaySink(Sink):
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
-        epoch = record["epoch"]
-        name = (f"checkpoint_epoch_{int(epoch):04d}" if float(epoch).is_integer()
-                else f"checkpoint_step_{int(record['step']):07d}")
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(checkpoint(), Path(d) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=checkpoint_dir_name(record))
 
 
 class MetricsSink(Sink):
@@ -92,6 +90,28 @@ class MetricsSink(Sink):
 
     def report(self, record, history, checkpoint) -> None:
         self.metrics.observe(record)
+
+
+def job_sinks(job: WorkerJob, rank: int, report: Sink) -> Sinks:
+    """Where a worker's reports go: Prometheus gauges, on rank 0 the run's TensorBoard/MLflow
+    tracking, and `report` (to Ray)."""
+    tracker = None
+    if job.tracking and rank == 0:
+        tracker = Tracker(TrackingConfig(**job.tracking), params={"config": job.spec.run.to_dict(), **job.tags,
+                                                                 "finetune": job.spec.extra.get("finetune", {})})
+    train = job.spec.run.train
+    # Reports inside epochs (rungs, report_every_images) are tracked at the optimizer step.
+    per_epoch = not (train.report_every_images or train.report_at_images)
+    # `report` last: a Tune trial that is paused or stopped at a rung never returns from it.
+    return Sinks(MetricsSink(TrainMetrics({**job.tags, "rank": str(rank)})),
+                 TrackerSink(tracker, per_epoch) if tracker else None, report)
+
+
+def checkpoint_dir_name(record: dict[str, Any]) -> str:
+    """checkpoint_epoch_0004 at an epoch's end, checkpoint_step_0000123 between."""
+    epoch = record["epoch"]
+    return (f"checkpoint_epoch_{int(epoch):04d}" if float(epoch).is_integer()
+            else f"checkpoint_step_{int(record['step']):07d}")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -131,12 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed:
         with resumed.as_directory() as d:
             start, history = restore_training(state, load_checkpoint(Path(d) / CHECKPOINT_FILE))
-    tracker = None
-    if job.tracking and rank == 0:
-        tracker = Tracker(TrackingConfig(**job.tracking), params={"config": cfg.to_dict(), **job.tags,
-                                                                 "finetune": spec.extra.get("finetune", {})})
-    sink = Sinks(RaySink(rank), MetricsSink(TrainMetrics({**job.tags, "rank": str(rank)})),
-                 TrackerSink(tracker) if tracker else None)
+    sink = job_sinks(job, rank, RaySink(rank))
     try:
         run_loop(state, spec, train_batches, lambda: val, sink, steps, start, history)
     finally:

@@ -1,4 +1,5 @@
-"""The main job: an ASHA sweep over architecture and optimizer on Ray Tune + Train,
+"""The main job: a sweep over architecture and optimizer on Ray Tune (successive halving
+with pauses, or ASHA; one-worker trials in their own process, larger ones on Ray Train),
 then fine-tuning of the best checkpoint, evaluation before/after, a report, and
 (with --serve) the fine-tuned model on Ray Serve.
 
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
         die(str(e))
     print_eval_report(summary["before"], f"test, before fine-tuning ({summary['before_kind']})")
     print_eval_report(summary["after"], "test, after fine-tuning")
-    console.print(f"{summary['stopped_early']} of {len(summary['trials'])} trials stopped early by ASHA; "
+    console.print(f"{summary['stopped_early']} of {len(summary['trials'])} trials stopped at a rung; "
                   f"report: {summary['report']} ({summary['seconds']:.0f} s)", soft_wrap=True)
     if cfg.serve:
         from cluster.probe import serve_and_probe

@@ -215,9 +215,11 @@ def finetune_run_config(source_run_config: dict[str, Any], *, epochs: int, lr: f
     """The RunConfig of fine-tuning a checkpoint: its own run config with fine-tuning's optimizer,
     peak lr (warm-up over the first 10% of the epochs), epochs, train images per epoch (0 = all)
     and global batch (0 = the checkpoint's). Momentum, weight decay and augmentation stay."""
+    # A sweep trial's rungs and its validation subset are the sweep's, not fine-tuning's.
     return RunConfig.from_dict(source_run_config).replace(
         optim={"optimizer": optimizer, "lr": lr, "warmup_epochs": 0.1 * epochs}, data={"train_subset": subset},
-        train={"epochs": epochs, **({"batch_size": batch_size} if batch_size else {})})
+        train={"epochs": epochs, "report_at_images": [], "val_subset": 0,
+               **({"batch_size": batch_size} if batch_size else {})})
 
 
 @dataclass(frozen=True)

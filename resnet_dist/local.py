@@ -7,6 +7,7 @@ wrap-up as the Ray path (resnet_dist.outputs, resnet_dist.finetune).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -53,13 +54,26 @@ class DirSink(Sink):
         write_json(self.run_dir / METRICS_FILE, {"history": history})
 
 
+@functools.lru_cache(maxsize=4)
+def _split_arrays(data_dir: str, split: str, fingerprint: str):
+    return read_split(data_dir, split)
+
+
+def read_split_once(data_dir: str | os.PathLike, split: str):
+    """`read_split`, kept for this process's later runs on the same data: a sweep's trial
+    processes are reused (cluster/trial.py), so each reads CIFAR-10 once (~1 s), not once per
+    trial and resume. Keyed on the manifest's fingerprint: re-prepared data is read afresh.
+    The arrays are shared: loaders slice them and never write to them."""
+    return _split_arrays(str(Path(data_dir).resolve()), split, read_manifest(data_dir)["fingerprint"])
+
+
 def train_loader(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 1) -> ArrayLoader:
     """The augmenting in-memory loader of rank `rank` of `world`: the union of `spec.train_splits`
     (`train_subset` applied), of which each rank takes an equal contiguous share (train_images //
     world: every rank runs the same number of steps, as DDP needs), at the per-rank batch size.
     Read straight from the Parquet shards; rank 0 of 1 is the local run's loader."""
     cfg = spec.run
-    parts = [read_split(cfg.data.data_dir, s) for s in spec.train_splits]
+    parts = [read_split_once(cfg.data.data_dir, s) for s in spec.train_splits]
     images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
     labels = np.concatenate([p.labels for p in parts]) if len(parts) > 1 else parts[0].labels
     share = spec.train_images // world
@@ -72,8 +86,9 @@ def train_loader(spec: RunSpec, device: torch.device, rank: int = 0, world: int 
 def val_loader(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 1) -> ArrayLoader:
     """The normalising loader of rank `rank`'s share of val: every world-th image, so each image
     counts once over all ranks (5,000 CIFAR-10 images are 15 MB of uint8)."""
-    val = read_split(spec.run.data.data_dir, "val")
-    return ArrayLoader.from_numpy(val.images[rank::world], val.labels[rank::world],
+    val = read_split_once(spec.run.data.data_dir, "val")
+    n = spec.run.train.val_subset or len(val.labels)   # the first N (val is shuffled at conversion)
+    return ArrayLoader.from_numpy(val.images[:n][rank::world], val.labels[:n][rank::world],
                                   batch_size=spec.run.train.eval_batch_size, mean=spec.mean, std=spec.std,
                                   device=device)
 

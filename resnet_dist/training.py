@@ -11,6 +11,7 @@ sink: the local sink writes last.pt/best.pt (resnet_dist.local), Ray's calls
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -191,6 +192,13 @@ def steps_per_report(cfg: RunConfig, steps_per_epoch: int) -> int:
     return max(1, min(steps_per_epoch, round(every / cfg.train.batch_size)))
 
 
+def milestone_steps(cfg: RunConfig) -> list[int]:
+    """The global steps (from the run's start) at which `report_at_images` falls due: the
+    first step whose images, all workers together, reach each milestone."""
+    batch = cfg.train.batch_size
+    return sorted({-(-n // batch) for n in cfg.train.report_at_images})
+
+
 def param_checksum(model: nn.Module) -> float:
     """Sum of all weights in float64: equal on every rank iff DDP kept the replicas in sync,
     and equal between two runs that trained alike (the parity tests compare it)."""
@@ -218,6 +226,7 @@ def run_loop(
     best_acc = max((r["val_acc"] for r in history), default=-1.0)
     stale = 0
     chunk = steps_per_report(cfg, steps_per_epoch)
+    milestones = milestone_steps(cfg)
     group = state.optimizer.param_groups[0]
     for epoch in range(start.epoch, cfg.train.epochs):
         done = start.step if epoch == start.epoch else 0
@@ -227,22 +236,27 @@ def run_loop(
                 pass
         sink.epoch_start(epoch + 1, cfg.train.epochs, steps_per_epoch)
         while done < steps_per_epoch:
-            n = min(chunk, steps_per_epoch - done)
+            at = epoch * steps_per_epoch + done   # global steps so far
+            n = min([chunk, steps_per_epoch - done, *(m - at for m in milestones if m > at)])
             stats = train_epoch(state.model, itertools.islice(batches, n), state.optimizer, state.scheduler,
                                 state.loss_fn, state.device, state.precision, state.scaler, cfg.train.grad_accum,
                                 on_step=lambda s, images: sink.step(done + s, images), train_mode=state.train_mode)
             if stats.steps == 0:   # the source ran dry at a report boundary: the epoch ends here
                 break
             done += stats.steps
+            t_val = time.perf_counter()
             val = evaluate(state.model, val_batches(), len(spec.classes), state.device, state.precision,
                            cfg.train.eval_flip_tta)
+            val_s = time.perf_counter() - t_val
             end = done >= steps_per_epoch or stats.steps < n   # fewer batches than planned: epoch over
             position = Position(epoch + 1, 0) if end else Position(epoch, done)
             # Param groups may run at scaled rates (fine-tuning): record the unscaled one.
             lr = cfg.optim.lr * group["lr"] / group["initial_lr"]
             record = epoch_record(epoch + 1 if end else epoch + done / steps_per_epoch, stats, val, lr)
-            record.update(step=epoch * steps_per_epoch + done, param_checksum=param_checksum(state.model),
-                          resumed_from_epoch=start.epoch)
+            step = epoch * steps_per_epoch + done
+            # images_seen: training images of the whole run so far, all workers (a sweep's time unit).
+            record.update(step=step, images_seen=step * cfg.train.batch_size, val_s=val_s,
+                          param_checksum=param_checksum(state.model), resumed_from_epoch=start.epoch)
             history.append(record)
             sink.report(record, history, lambda r=record, p=position: run_checkpoint(state, spec, r, history, p))
             if val.accuracy > best_acc:

@@ -2,7 +2,7 @@
 # The main job on a fresh machine: set up .venv, convert the real CIFAR-10 to
 # Parquet, start a local Ray cluster (`ray start --head`, token auth) unless one
 # is running, and submit the whole sweep to it with the `local` preset:
-# ASHA sweep -> fine-tune the best -> report -> the model on Ray Serve.
+# sweep (successive halving) -> fine-tune the best -> report -> the model on Ray Serve.
 # Extra arguments go to jobs/sweep.py (e.g. --preset smoke, --name my-sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,9 +18,14 @@ def add_sweep_args(p) -> None:
     a("--storage", help="where sweeps live: a local dir, a shared mount (NFS) or a URI (s3://bucket/prefix, gs://..., file://...); default: runs")
     a("--data", dest="data_dir", help="prepared Parquet data (default: data/cifar10)")
     a("--num-samples", type=int, help="trials to sample")
-    a("--max-epochs", type=int, help="ASHA max_t: epochs of a trial never stopped")
-    a("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
-    a("--reduction-factor", type=int, help="ASHA: keep 1/N of the trials at each rung")
+    a("--scheduler", choices=["halving", "asha"],
+      help="halving: trials paused at each rung until all reach it (one or a few at a time); asha: asynchronous (many at once)")
+    a("--max-epochs", type=int, help="epochs of a trial never stopped: the winner's whole training")
+    a("--first-rung-images", type=int, help="training images at the first rung (then x the reduction factor)")
+    a("--reduction-factor", type=int, help="keep 1/N of the trials at each rung")
+    a("--val-subset", type=int, help="trials validate on the first N val images (0 = all)")
+    a("--center-first", action=argparse.BooleanOptionalAction,
+      help="the first trial is the centre of the search space (the preset's base recipe)")
     a("--workers-per-trial", type=int, help="Ray Train workers of each trial")
     a("--min-workers-per-trial", type=int,
       help="elastic trials: after a lost node, go on with as few workers as this (0 = fixed)")
@@ -32,6 +37,7 @@ def add_sweep_args(p) -> None:
     for name, kind in (("flavors", str), ("widths", float), ("blocks", str), ("optimizers", str),
                        ("momentum", float), ("batch-sizes", int), ("label-smoothing", float), ("schedules", str)):
         a(f"--{name}", nargs="+", type=kind, help=f"search space: {name} to choose from")
+    a("--pads", nargs="+", type=int, help="search space: random-crop paddings to choose from, pixels")
     a("--lr-mult", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform multiplier of the optimizer's base lr")
     a("--weight-decay", nargs=2, type=float, metavar=("LOW", "HIGH"), help="log-uniform weight decay range")
     a("--finetune-mode", choices=["head", "full", "last-stage"], help="what fine-tuning trains")
@@ -56,13 +62,14 @@ def sweep_config_from_args(args) -> SweepConfig:
     cfg = PRESETS[args.preset]
     top = {k: getattr(args, k) for k in ("name", "storage", "data_dir", "num_samples", "workers_per_trial",
                                          "min_workers_per_trial",
-                                         "max_concurrent", "train_subset", "seed", "data_path", "serve", "mlflow_uri")
+                                         "max_concurrent", "train_subset", "seed", "data_path", "serve", "mlflow_uri",
+                                         "val_subset", "center_first")
            if getattr(args, k) is not None}
     space = {k: tuple(getattr(args, k)) for k in ("flavors", "widths", "blocks", "optimizers", "momentum",
                                                    "batch_sizes", "label_smoothing", "schedules", "lr_mult",
-                                                   "weight_decay") if getattr(args, k) is not None}
-    asha = {k: getattr(args, k) for k in ("max_epochs", "grace_period", "reduction_factor")
-            if getattr(args, k) is not None}
+                                                   "weight_decay", "pads") if getattr(args, k) is not None}
+    rungs = {k: getattr(args, k) for k in ("scheduler", "max_epochs", "first_rung_images", "reduction_factor")
+             if getattr(args, k) is not None}
     ft = {f.name: getattr(args, f"finetune_{f.name}") for f in fields(FinetuneConfig)
           if getattr(args, f"finetune_{f.name}") is not None}
     # User paths are made absolute once, here: trials, Train workers and the job's copy of
@@ -75,5 +82,5 @@ def sweep_config_from_args(args) -> SweepConfig:
         # A user's own data: the measured own-data defaults (FinetuneConfig's) and a schedule
         # sized to it, not the preset's settings for CIFAR-10 train+val; options typed still win.
         base_ft = FinetuneConfig(subset=cfg.finetune.subset)
-    cfg = replace(cfg, **top, space=replace(cfg.space, **space), asha=replace(cfg.asha, **asha))
+    cfg = replace(cfg, **top, space=replace(cfg.space, **space), rungs=replace(cfg.rungs, **rungs))
     return replace(cfg, finetune=replace(base_ft, **ft))

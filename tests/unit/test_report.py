@@ -58,7 +58,7 @@ def test_report_files_exist_and_say_what_happened(tmp_path):
     text = report.read_text()
     assert "1 stopped early" in text and "4 trial-epochs run of 6" in text
     assert "| accuracy | 50.00% | 100.00% |" in text
-    assert "## Cost" in text and "ASHA saved 17% of the CPU-seconds" in text
+    assert "## Cost" in text and "Stopping trials early saved 17% of the CPU-seconds" in text
     for png in ("val_acc.png", "confusion_before.png", "confusion_after.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -1,12 +1,13 @@
 """Sweep planning: pure functions of cluster/tune.py (no Ray cluster is started)."""
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cluster.resources import TRIAL_DRIVER_CPUS, plan_resources
-from cluster.tune import AshaConfig, SearchSpace, trial_run_config
+from cluster.tune import RungConfig, SearchSpace, trial_run_config
 from resnet_dist.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,9 +51,15 @@ def test_bad_search_spaces_are_clear_errors(space, match):
         space.validate()
 
 
-def test_asha_config_checks():
-    with pytest.raises(ConfigError, match="grace period"):
-        AshaConfig(max_epochs=2, grace_period=3).validate()
+def test_rung_config_checks():
+    with pytest.raises(ConfigError, match="--scheduler must be halving or asha"):
+        RungConfig(scheduler="hyperband").validate()
+    with pytest.raises(ConfigError, match="--first-rung-images must be >= 1"):
+        RungConfig(first_rung_images=0).validate()
+    rungs = RungConfig(max_epochs=2, first_rung_images=100, reduction_factor=3)
+    assert rungs.milestones(1000, num_samples=9) == [100, 300]           # 9 -> 3 -> 1: no rung after that
+    assert rungs.milestones(1000, num_samples=30) == [100, 300, 900]     # 30 -> 10 -> 3 -> 1
+    assert replace(rungs, scheduler="asha").milestones(1000, num_samples=9) == [100, 300, 900]
 
 
 def _sweep_main():
@@ -65,7 +72,8 @@ def _sweep_main():
 @pytest.mark.parametrize("args,message", [
     (["--flavors", "resnet7"], "unknown model flavor 'resnet7'"),
     (["--lr-mult", "2", "1"], "lr multiplier range"),
-    (["--grace-period", "5", "--max-epochs", "2"], "grace period 5"),
+    (["--first-rung-images", "0"], "--first-rung-images must be >= 1"),
+    (["--data-path", "pipeline"], "use --scheduler asha for Ray Train trials"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
     (["--storage", "nosuch://bucket/sweeps"], "pyarrow cannot open it"),
@@ -101,7 +109,7 @@ def test_asha_rungs_survive_a_restart_of_the_sweep_driver(tmp_path):
     from cluster.tune import ResumableASHA
 
     def scheduler():
-        return ResumableASHA(str(tmp_path / "tune" / "asha_rungs.json"), time_attr="epoch", metric="val_acc",
+        return ResumableASHA(str(tmp_path / "tune" / "rungs.json"), time_attr="epoch", metric="val_acc",
                              mode="max", max_t=4, grace_period=1, reduction_factor=2)
 
     def report(s, trial_id, val_acc):
@@ -130,7 +138,7 @@ def test_own_finetuning_data_gets_the_own_data_defaults_unless_options_say_other
     p = argparse.ArgumentParser()
     add_sweep_args(p)
     cifar = sweep_config_from_args(p.parse_args(["--preset", "local"])).finetune
-    assert (cifar.epochs, cifar.optimizer) == (2, "adamw")   # the preset's, for CIFAR-10
+    assert (cifar.epochs, cifar.lr) == (1, 0.02)   # the preset's short low-rate pass, for CIFAR-10
     own = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path)])).finetune
     defaults = FinetuneConfig()   # the measured own-data defaults
     assert (own.epochs, own.batch_size) == (0, 0)   # sized to the data
@@ -172,3 +180,86 @@ def test_elastic_runs_ask_ray_train_for_a_range_of_workers():
     for workers, low in ((4, 5), (4, -1), (0, 0)):
         with pytest.raises(ConfigError, match="workers"):
             check_workers(workers, low)
+
+
+class _Controller:
+    """What SuccessiveHalving asks of Tune's controller: its trials, and stopping one (which,
+    as in Tune, tells the scheduler through on_trial_remove)."""
+
+    def __init__(self, scheduler, ids):
+        from types import SimpleNamespace
+
+        self.scheduler = scheduler
+        self.trials = [SimpleNamespace(trial_id=t, status="PENDING", is_saving=False) for t in ids]
+        for t in self.trials:
+            scheduler.on_trial_add(self, t)
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.scheduler.on_trial_remove(self, trial)
+        trial.status = "TERMINATED"
+
+    def report(self, trial_id, images, val_acc):
+        from ray.tune.schedulers import TrialScheduler
+
+        trial = next(t for t in self.trials if t.trial_id == trial_id)
+        trial.status = "RUNNING"
+        action = self.scheduler.on_trial_result(self, trial, {"images_seen": images, "val_acc": val_acc})
+        trial.status = {TrialScheduler.PAUSE: "PAUSED", TrialScheduler.STOP: "TERMINATED"}.get(action, "RUNNING")
+        if action == TrialScheduler.STOP:
+            self.scheduler.on_trial_complete(self, trial, {})
+        return action
+
+    def status(self):
+        return {t.trial_id: t.status for t in self.trials}
+
+
+def _halving(path, num_samples=4):
+    from cluster.halving import SuccessiveHalving
+
+    return SuccessiveHalving(str(path), metric="val_acc", mode="max", time_attr="images_seen",
+                             milestones=[10, 20], reduction_factor=2, num_samples=num_samples)
+
+
+def test_halving_pauses_every_trial_at_its_rung_until_the_rung_is_full_then_keeps_the_best(tmp_path):
+    from ray.tune.schedulers import TrialScheduler as S
+
+    from cluster.halving import rung_milestones
+
+    assert rung_milestones(4000, 3, 180_000) == [4000, 12_000, 36_000, 108_000]
+    c = _Controller(_halving(tmp_path / "rungs.json"), "abcd")
+    # One trial at a time: each reaches rung 0 and waits; new trials go first.
+    assert [c.report(t, 10, acc) for t, acc in zip("abc", (0.30, 0.50, 0.20))] == [S.PAUSE] * 3
+    assert c.scheduler.choose_trial_to_run(c).trial_id == "d"
+    # The last one fills the rung: the best half (b, d) go on, a and c are stopped where they wait.
+    assert c.report("d", 10, 0.40) == S.CONTINUE
+    assert c.status() == {"a": "TERMINATED", "b": "PAUSED", "c": "TERMINATED", "d": "RUNNING"}
+    assert c.report("d", 15, 0.45) == S.CONTINUE            # an epoch's end between rungs
+    assert c.report("d", 20, 0.55) == S.PAUSE                # rung 1 waits for b
+    assert c.scheduler.choose_trial_to_run(c).trial_id == "b"   # resumed from its checkpoint
+    assert c.report("b", 20, 0.60) == S.CONTINUE             # b beats d at rung 1
+    assert c.status()["d"] == "TERMINATED"
+    assert c.report("b", 40, 0.70) == S.CONTINUE             # past the last rung: on to max_t
+    assert c.scheduler.choose_trial_to_run(c) is None
+
+
+def test_halving_rungs_and_decisions_survive_a_restart_of_the_sweep_driver(tmp_path):
+    from ray.tune.schedulers import TrialScheduler as S
+
+    state = tmp_path / "rungs.json"
+    c = _Controller(_halving(state), "abcd")
+    for t, acc in zip("abc", (0.30, 0.50, 0.20)):
+        c.report(t, 10, acc)
+    # The driver dies; Tune restores every unfinished trial as PENDING, the scheduler as new.
+    again = _Controller(_halving(state), "abcd")
+    # a, b and c already wait at rung 0: only d may run, and nothing trains past the rung.
+    assert again.scheduler.choose_trial_to_run(again).trial_id == "d"
+    assert again.report("d", 10, 0.10) == S.STOP               # the worst of the four
+    # b and a (0.50, 0.30) go on, resumed from their checkpoints; c, waiting, is stopped.
+    assert again.status() == {"a": "PENDING", "b": "PENDING", "c": "TERMINATED", "d": "TERMINATED"}
+    assert again.scheduler.choose_trial_to_run(again).trial_id == "a"
+    # A scheduler without the saved state would have judged d alone, and kept it.
+    fresh = _Controller(_halving(tmp_path / "other.json", num_samples=1), "d")
+    assert fresh.report("d", 10, 0.10) == S.CONTINUE
