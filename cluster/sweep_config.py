@@ -24,7 +24,7 @@ class SweepConfig:
     num_samples: int = 4
     # The first trial is the centre of the space (SearchSpace.center: the preset's base recipe).
     center_first: bool = True
-    # Trials validate on the first N val images (0 = all): the same images at every rung.
+    # Trials validate on N evenly spaced val images (0 = all): the same images at every rung.
     val_subset: int = 0
     workers_per_trial: int = 1
     # Elastic trials: after a lost node a trial goes on from its last checkpoint with as few

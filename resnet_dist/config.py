@@ -79,8 +79,9 @@ class TrainConfig:
     # Also report when the run's training images (all workers, counted from its start) reach
     # each of these: a sweep's rungs (cluster/halving.py), wherever they fall in an epoch.
     report_at_images: tuple[int, ...] = ()
-    # Validate on the first N val images only (0 = all): a sweep's trials compare on the same
-    # images at every rung for a fraction of a full pass (5,000 images are ~6 s on 2 cores).
+    # Validate on N evenly spaced val images only (0 = all; every class keeps its share): a
+    # sweep's trials compare on the same images at every rung for a fraction of a full pass
+    # (5,000 images are ~6 s on 2 cores).
     val_subset: int = 0
     eval_flip_tta: bool = True        # average logits over the image and its mirror at eval
     # Images per eval forward. 250 on CPU: ResNet-20 on 2 cores evaluates 850 img/s at 250 and

@@ -269,42 +269,9 @@ def evaluate(
     device: torch.device,
     precision: Precision,
     flip_tta: bool = True,
-    bn_batch_stats: bool = False,
 ) -> EvalResult:
-    """Loss, accuracy and confusion matrix over `batches` (all ranks' batches when distributed).
-
-    `bn_batch_stats`: BatchNorm normalises each batch with its own statistics, its running ones
-    left as they are (`batch_norm_from_batches`). For reports a few dozen steps into a run (a
-    sweep's first rungs) the running statistics still lag the weights: ResNet-20 16 steps into
-    the 4-epoch recipe scored 1.4% val accuracy with them, below chance, and was stopped at that
-    rung (`scripts/main.sh`, 2026-12-06); batch statistics judge the weights instead."""
+    """Loss, accuracy and confusion matrix over `batches` (all ranks' batches when distributed)."""
     model.eval()
-    with batch_norm_from_batches(model) if bn_batch_stats else contextlib.nullcontext():
-        return _evaluate(model, batches, num_classes, device, precision, flip_tta)
-
-
-@contextlib.contextmanager
-def batch_norm_from_batches(model: nn.Module):
-    """BatchNorm layers in training mode with momentum 0 (their running statistics, and the
-    count of batches they tracked, unchanged), put back as they were on exit."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in bns]
-    for m in bns:
-        m.train()
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (training, momentum, tracked) in zip(bns, saved):
-            m.train(training)
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
-def _evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-              device: torch.device, precision: Precision, flip_tta: bool) -> EvalResult:
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.float64)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -87,8 +87,13 @@ def val_loader(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     """The normalising loader of rank `rank`'s share of val: every world-th image, so each image
     counts once over all ranks (5,000 CIFAR-10 images are 15 MB of uint8)."""
     val = read_split_once(spec.run.data.data_dir, "val")
-    n = spec.run.train.val_subset or len(val.labels)   # the first N (val is shuffled at conversion)
-    return ArrayLoader.from_numpy(val.images[:n][rank::world], val.labels[:n][rank::world],
+    images, labels = val.images, val.labels
+    if 0 < spec.run.train.val_subset < len(labels):
+        # Evenly spaced, not the first N: prepared val is stored class by class (the first half of
+        # CIFAR-10's is classes 0-4), so spacing keeps every class in its share.
+        keep = np.linspace(0, len(labels) - 1, spec.run.train.val_subset).round().astype(np.int64)
+        images, labels = images[keep], labels[keep]
+    return ArrayLoader.from_numpy(images[rank::world], labels[rank::world],
                                   batch_size=spec.run.train.eval_batch_size, mean=spec.mean, std=spec.std,
                                   device=device)
 

@@ -244,21 +244,18 @@ def run_loop(
             if stats.steps == 0:   # the source ran dry at a report boundary: the epoch ends here
                 break
             done += stats.steps
-            end = done >= steps_per_epoch or stats.steps < n   # fewer batches than planned: epoch over
             t_val = time.perf_counter()
-            # Inside an epoch, and only in the first one, BatchNorm's running statistics may
-            # still lag the weights (engine.evaluate): batch statistics there.
-            early = epoch == 0 and not end
             val = evaluate(state.model, val_batches(), len(spec.classes), state.device, state.precision,
-                           cfg.train.eval_flip_tta, bn_batch_stats=early)
+                           cfg.train.eval_flip_tta)
             val_s = time.perf_counter() - t_val
+            end = done >= steps_per_epoch or stats.steps < n   # fewer batches than planned: epoch over
             position = Position(epoch + 1, 0) if end else Position(epoch, done)
             # Param groups may run at scaled rates (fine-tuning): record the unscaled one.
             lr = cfg.optim.lr * group["lr"] / group["initial_lr"]
             record = epoch_record(epoch + 1 if end else epoch + done / steps_per_epoch, stats, val, lr)
             step = epoch * steps_per_epoch + done
             # images_seen: training images of the whole run so far, all workers (a sweep's time unit).
-            record.update(step=step, images_seen=step * cfg.train.batch_size, val_s=val_s, val_bn_batch_stats=early,
+            record.update(step=step, images_seen=step * cfg.train.batch_size, val_s=val_s,
                           param_checksum=param_checksum(state.model), resumed_from_epoch=start.epoch)
             history.append(record)
             sink.report(record, history, lambda r=record, p=position: run_checkpoint(state, spec, r, history, p))

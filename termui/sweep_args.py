@@ -23,7 +23,7 @@ def add_sweep_args(p) -> None:
     a("--max-epochs", type=int, help="epochs of a trial never stopped: the winner's whole training")
     a("--first-rung-images", type=int, help="training images at the first rung (then x the reduction factor)")
     a("--reduction-factor", type=int, help="keep 1/N of the trials at each rung")
-    a("--val-subset", type=int, help="trials validate on the first N val images (0 = all)")
+    a("--val-subset", type=int, help="trials validate on N evenly spaced val images (0 = all)")
     a("--center-first", action=argparse.BooleanOptionalAction,
       help="the first trial is the centre of the search space (the preset's base recipe)")
     a("--workers-per-trial", type=int, help="Ray Train workers of each trial")

@@ -107,3 +107,22 @@ def test_each_rank_of_the_device_path_reads_an_equal_disjoint_share(tiny_data_di
     # Val: every world-th image, all of them counted once over the ranks.
     vals = [val_loader(spec, "cpu", rank, 2) for rank in (0, 1)]
     assert sum(len(v.labels) for v in vals) == len(val_loader(spec, "cpu").labels) == 41
+
+
+def test_a_val_subset_keeps_every_class_and_rungs_report_inside_epochs(tiny_data_dir, tmp_path):
+    """Prepared val is stored class by class: a subset of it is evenly spaced, not its first
+    images; and train.report_at_images adds reports where the milestones fall."""
+    import numpy as np
+
+    from resnet_dist.data import read_manifest
+    from resnet_dist.local import val_loader
+    from resnet_dist.spec import RunSpec
+
+    cfg = tiny_cfg(tiny_data_dir).replace(train={"val_subset": 20, "report_at_images": [64, 250]})
+    spec = RunSpec.from_manifest(cfg, read_manifest(tiny_data_dir))
+    labels = torch.cat([y for _, y in val_loader(spec, torch.device("cpu"))]).numpy()
+    assert len(labels) == 20 and set(np.unique(labels)) == set(range(10))
+    summary = fit_local(cfg, tmp_path)
+    # 199 images at batch 32: 6 steps (192 images) an epoch; 64 -> step 2, 250 -> step 8 (epoch 2).
+    assert [r["images_seen"] for r in summary["history"]] == [64, 192, 256, 384]
+    assert all(r["val_images"] == 20 for r in summary["history"])
