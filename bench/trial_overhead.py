@@ -132,11 +132,11 @@ def main() -> None:
            "starts": int(sum(c["starts"] for c in per.values())),
            "breakdown_s": {k: round(sum(c[k] for c in per.values()), 2) for k in cols[1:]},
            "fit_wall_s": round(fit_wall, 2), "fit_unaccounted_s": round(fit_wall - accounted, 2)}
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     console.print(f"orchestration per trial: median {out['median_overhead_s']:.2f} s, mean {out['mean_overhead_s']:.2f} s; "
-                  f"Tune's fit {fit_wall:.1f} s, of which {out['fit_unaccounted_s']:.1f} s before the first start "
-                  "is counted in the first trial's launch and the rest after the last report")
+                  f"Tune's fit {fit_wall:.1f} s, {out['fit_unaccounted_s']:.1f} s of it charged to no trial (after "
+                  "the last report)")
     if args.train_path:
         out["train_path_overhead_s"] = round(train_path_overhead(cfg, data, tmp), 2)
         console.print(f"the same config as a 1-worker Ray Train run: {out['train_path_overhead_s']:.1f} s outside "

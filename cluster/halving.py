@@ -28,6 +28,21 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from resnet_dist import storage as storage_lib
 
 
+def read_state(state_file: str) -> dict[str, Any] | None:
+    """A scheduler's saved state (a URI too: resnet_dist.storage), or None for a new sweep or a
+    file cut short."""
+    try:
+        return json.loads(storage_lib.read_bytes(state_file))
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(state_file: str, state: dict[str, Any]) -> None:
+    """Straight to the storage, atomically: a driver killed mid-sweep leaves the rungs where its
+    successor, on any machine, reads them."""
+    storage_lib.write_bytes(state_file, json.dumps(state).encode())
+
+
 def rung_milestones(first: int, reduction_factor: int, max_t: int) -> list[int]:
     """first, first*eta, first*eta^2, ... below max_t: the images at which trials are compared."""
     out, m = [], first
@@ -64,11 +79,8 @@ class SuccessiveHalving(FIFOScheduler):
         if self._loaded:
             return
         self._loaded = True
-        try:
-            saved = json.loads(storage_lib.read_bytes(self._state_file))
-        except (OSError, ValueError):   # a new sweep, or a state file cut short: start empty
-            return
-        if saved.get("milestones") != self._milestones:
+        saved = read_state(self._state_file)
+        if saved is None or saved.get("milestones") != self._milestones:
             return
         self._recorded = [dict(r) for r in saved["recorded"]]
         self._decided = [dict(d) if d is not None else None for d in saved["decided"]]
@@ -78,7 +90,7 @@ class SuccessiveHalving(FIFOScheduler):
     def _save(self) -> None:
         state = {"milestones": self._milestones, "recorded": self._recorded, "decided": self._decided,
                  "dead": sorted(self._dead), "seen": sorted(self._seen)}
-        storage_lib.write_bytes(self._state_file, json.dumps(state).encode())
+        write_state(self._state_file, state)
 
     def state(self) -> dict[str, Any]:
         """The rungs as saved: milestones, each rung's metrics and decisions."""

@@ -16,7 +16,6 @@ driver restarts here).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from cluster.halving import SuccessiveHalving, rung_milestones
+from cluster.halving import SuccessiveHalving, read_state, rung_milestones, write_state
 from cluster.resources import TRIAL_DRIVER_CPUS, Resources
 from cluster.train import WorkerJob, build_trainer
 from cluster.trial import run_trial_here
@@ -187,9 +186,8 @@ class ResumableASHA(ASHAScheduler):
         if self._loaded:
             return
         self._loaded = True
-        try:
-            saved = json.loads(storage_lib.read_bytes(self._state_file))
-        except (OSError, ValueError):   # a new sweep, or a state file cut short: start empty
+        saved = read_state(self._state_file)
+        if saved is None:   # a new sweep, or a state file cut short: start empty
             return
         self._stopped.update(saved["stopped"])
         for bracket, rungs in zip(self._brackets, saved["rungs"]):
@@ -198,10 +196,8 @@ class ResumableASHA(ASHAScheduler):
                     recorded.update(saved_recorded)
 
     def _save(self) -> None:
-        # Straight to the storage, a URI too (resnet_dist.storage): a driver killed mid-sweep
-        # leaves the rungs where its successor, on any machine, reads them.
         state = {"rungs": [[[m, rec] for m, rec in b._rungs] for b in self._brackets], "stopped": sorted(self._stopped)}
-        storage_lib.write_bytes(self._state_file, json.dumps(state).encode())
+        write_state(self._state_file, state)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()
