@@ -92,11 +92,6 @@ class SuccessiveHalving(FIFOScheduler):
                  "dead": sorted(self._dead), "seen": sorted(self._seen)}
         write_state(self._state_file, state)
 
-    def state(self) -> dict[str, Any]:
-        """The rungs as saved: milestones, each rung's metrics and decisions."""
-        self._load()
-        return {"milestones": self._milestones, "recorded": self._recorded, "decided": self._decided}
-
     # -- the rule ---------------------------------------------------------------------------
     def _candidates(self, k: int) -> set[str] | None:
         """Trials owed a result at rung k; None while rung k-1 is undecided (or, for rung 0,
