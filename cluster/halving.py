@@ -108,7 +108,7 @@ class SuccessiveHalving(FIFOScheduler):
         candidates = self._candidates(k)
         if candidates is None or any(t not in self._recorded[k] and t not in self._dead for t in candidates):
             return False
-        ranked = sorted((t for t in candidates if t in self._recorded[k] and t not in self._lost_before(k)),
+        ranked = sorted((t for t in candidates if t in self._recorded[k]),
                         key=lambda t: self._sign * self._recorded[k][t], reverse=True)
         keep = set(ranked[:max(1, math.floor(len(ranked) / self._eta))]) if ranked else set()
         self._decided[k] = {t: t in keep for t in ranked}
@@ -117,10 +117,6 @@ class SuccessiveHalving(FIFOScheduler):
     def _decide_all(self) -> None:
         for k in range(len(self._milestones)):
             self._try_decide(k)
-
-    def _lost_before(self, k: int) -> set[str]:
-        """Trials stopped at a rung below k."""
-        return {t for d in self._decided[:k] if d for t, go in d.items() if not go}
 
     def _verdict(self, trial_id: str) -> bool | None:
         """True: free to train on; False: stopped at a rung; None: waiting for a rung's decision.

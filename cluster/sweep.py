@@ -22,7 +22,7 @@ from cluster.lock import DriverLock
 from cluster.progress import LiveTrials
 from cluster.resources import TRIAL_DRIVER_CPUS, Resources, plan_for_cluster, plan_trials_in_process
 from cluster.runtime import connect
-from cluster.sweep_config import SweepConfig, base_run_config, in_process, sweep_tracking, sweep_train_images
+from cluster.sweep_config import SweepConfig, base_run_config, in_process, sweep_rungs, sweep_tracking
 from cluster.tracking import REMOTE_ENTRIES, log_artifacts
 from cluster.tune import RUNGS_FILE, build_tuner, trial_run_config
 from resnet_dist import storage
@@ -126,9 +126,8 @@ def sweep_tuner(cfg: SweepConfig, target: str, resources: Resources, console=Non
     tracking = sweep_tracking(cfg)
     plan = {"base": base_run_config(cfg).to_dict(), "manifest": manifest, "resources": asdict(resources),
             "name": cfg.name, "train_storage": storage.join(target, "train"), "tracking": tracking.to_dict()}
-    train_images = sweep_train_images(cfg)
+    train_images, rungs = sweep_rungs(cfg)
     if console is not None:
-        rungs = cfg.rungs.milestones(train_images, cfg.num_samples)
         console.print(f"[bold]sweep[/bold] {cfg.name}: {cfg.num_samples} trials, {cfg.rungs.scheduler} at "
                       f"{', '.join(f'{m:,}' for m in rungs)} images (keep 1/{cfg.rungs.reduction_factor}), max "
                       f"{cfg.rungs.max_epochs} epochs of {train_images:,}; {resources.max_concurrent} at a time x "
@@ -148,8 +147,7 @@ def _run_sweep(cfg: SweepConfig, console, mirror: Mirror) -> dict[str, Any]:
     manifest = read_manifest(cfg.data_dir)
     resources = trial_resources(cfg)
     tracking = sweep_tracking(cfg)
-    train_images = sweep_train_images(cfg)
-    rungs = cfg.rungs.milestones(train_images, cfg.num_samples)
+    train_images, rungs = sweep_rungs(cfg)
     tuner = sweep_tuner(cfg, target, resources, console, callbacks=[LiveTrials(cfg.rungs.max_epochs)])
     t_sweep = time.perf_counter()
     results = tuner.fit()

@@ -12,6 +12,7 @@ from cluster.tune import RungConfig, SearchSpace
 from resnet_dist import storage
 from resnet_dist.config import ConfigError, FinetuneConfig, RunConfig
 from resnet_dist.data import read_manifest
+from resnet_dist.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ PRESETS: dict[str, SweepConfig] = {
     # itself. 9 trials halved x3 at 2,000 and 6,000 images (7 s and 20 s of training); the
     # winner goes on in the same run to the recipe's 4 epochs on all of train, ~10 min of the
     # budget, which leaves the search ~2 min. One trial at a time with both cores: ResNet-20
-    # trains 299 img/s at 2 threads against 366 img/s in all for two 1-thread processes, but
+    # trains 389 img/s at 2 threads against 355 img/s in all for two 1-thread processes
+    # (bench/cpu_split.py, 2026-12-06), and
     # the winner's 4 epochs, most of the budget, run alone. Fine-tuning: one short low-rate
     # pass over 5,000 train+val images (README: what it bought).
     "local": SweepConfig(
@@ -143,10 +145,12 @@ def in_process(cfg: SweepConfig) -> bool:
     return cfg.workers_per_trial == 1 and cfg.data_path in ("device", "auto")
 
 
-def sweep_train_images(cfg: SweepConfig) -> int:
-    """Training images in one epoch of a trial (all of train, or `train_subset`)."""
-    n = read_manifest(cfg.data_dir)["counts"]["train"]
-    return min(n, cfg.train_subset) if cfg.train_subset else n
+def sweep_rungs(cfg: SweepConfig) -> tuple[int, list[int]]:
+    """Training images in one epoch of a trial (RunSpec.train_images: all of train, or
+    `train_subset`), and the rungs in images."""
+    run = RunConfig().replace(data={"train_subset": cfg.train_subset})
+    train_images = RunSpec.from_manifest(run, read_manifest(cfg.data_dir)).train_images
+    return train_images, cfg.rungs.milestones(train_images, cfg.num_samples)
 
 
 def base_run_config(cfg: SweepConfig) -> RunConfig:
@@ -156,7 +160,7 @@ def base_run_config(cfg: SweepConfig) -> RunConfig:
         # the test numbers before/after fine-tuning use TTA (resnet_dist.outputs). Every trial
         # reports at each rung, wherever it falls in an epoch.
         train={"epochs": cfg.rungs.max_epochs, "seed": cfg.seed, "eval_flip_tta": False,
-               "report_at_images": cfg.rungs.milestones(sweep_train_images(cfg), cfg.num_samples), "val_subset": cfg.val_subset},
+               "report_at_images": sweep_rungs(cfg)[1], "val_subset": cfg.val_subset},
     )
 
 

@@ -60,6 +60,8 @@ class SearchSpace:
                 raise ConfigError(f"empty search space: no {name.replace('_', ' ')} to choose from")
         for flavor in self.flavors:
             check_model_flavor(flavor)
+        if any(p < 0 for p in self.pads):
+            raise ConfigError(f"crop paddings must be >= 0 pixels, got {list(self.pads)}")
         for lo, hi, what in (*self.lr_mult, "lr multiplier"), (*self.weight_decay, "weight decay"):
             if not 0 < lo <= hi:
                 raise ConfigError(f"{what} range must satisfy 0 < low <= high, got {lo}..{hi}")

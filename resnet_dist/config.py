@@ -84,8 +84,9 @@ class TrainConfig:
     # (5,000 images are ~6 s on 2 cores).
     val_subset: int = 0
     eval_flip_tta: bool = True        # average logits over the image and its mirror at eval
-    # Images per eval forward. 250 on CPU: ResNet-20 on 2 cores evaluates 850 img/s at 250 and
-    # 441 img/s at 1000 (cache-bound; measured 2026-12-06 with a plain inference_mode loop).
+    # Images per eval forward. ResNet-20 on 2 cores (bench/cpu_split.py, two runs, 2026-12-06):
+    # 457-462 img/s at 1000, 876-1228 at 250, 1072-1343 at 128 (cache-bound). 250, the value the
+    # README's measured sweep ran at; 128 may be a little faster still.
     eval_batch_size: int = 250
 
 

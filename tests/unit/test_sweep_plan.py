@@ -25,6 +25,17 @@ def test_cpu_trials_fit_beside_their_workers_and_ray_data():
         plan_resources(workers=1, max_concurrent=1, cpus=1, gpus=0, node_cores=1)
 
 
+def test_in_process_trials_share_the_free_cpus_and_that_bounds_how_many_run():
+    from cluster.resources import plan_in_process
+
+    one = plan_in_process(max_concurrent=1, cpus=2, gpus=0, node_cores=2)
+    assert (one.cpus_per_worker, one.threads, one.in_process, one.data_path) == (2, 2, True, "device")
+    many = plan_in_process(max_concurrent=8, cpus=2, gpus=0, node_cores=2)
+    assert (many.max_concurrent, many.cpus_per_worker, many.threads) == (2, 1, 1)   # no more than the CPUs
+    gpu = plan_in_process(max_concurrent=8, cpus=16, gpus=4, node_cores=16)
+    assert gpu.use_gpu and gpu.max_concurrent == 4 and gpu.cpus_per_worker == 4
+
+
 def test_gpu_trials_take_one_gpu_per_worker():
     r = plan_resources(workers=4, max_concurrent=8, cpus=64, gpus=8, node_cores=64)
     assert r.use_gpu and r.max_concurrent == 2 and r.data_path == "device"
@@ -73,6 +84,8 @@ def _sweep_main():
     (["--flavors", "resnet7"], "unknown model flavor 'resnet7'"),
     (["--lr-mult", "2", "1"], "lr multiplier range"),
     (["--first-rung-images", "0"], "--first-rung-images must be >= 1"),
+    (["--pads", "2", "-1"], "crop paddings must be >= 0 pixels"),
+    (["--val-subset", "-1"], "--val-subset must be >= 0"),
     (["--data-path", "pipeline"], "use --scheduler asha for Ray Train trials"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--data", "/nonexistent/cifar"], "manifest.json"),
