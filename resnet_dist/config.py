@@ -68,8 +68,10 @@ class TrainConfig:
     batch_size: int = 128
     grad_accum: int = 1               # micro-batches accumulated per optimizer step
     seed: int = 0
-    amp: str = "auto"                 # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
-    channels_last: str = "auto"       # "auto" (on for CUDA) | "on" | "off"
+    # "auto": bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs
+    # (resnet_dist.engine.select_precision gives the measurements) | "bf16" | "fp16" | "off"
+    amp: str = "auto"
+    channels_last: str = "auto"       # "auto" (on for CUDA and AVX-512 CPUs) | "on" | "off"
     compile: bool = False             # opt-in torch.compile of the model
     early_stop_patience: int = 0      # stop after N reports without val-acc gain (0 = off)
     # Report (validate, checkpoint, tell Tune) every N training images, all workers together,

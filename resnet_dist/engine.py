@@ -44,14 +44,42 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 dot-product instructions (AVX512-BF16, e.g. Sapphire Rapids with AMX).
+
+    There oneDNN runs bf16 convolutions natively: ResNet-20 training at batch 128 on 2 cores went
+    474 -> 1,219 img/s with bf16 autocast + channels_last (bench/precision.py). Elsewhere bf16 on a CPU
+    is emulated and slower than fp32, so "auto" leaves it off.
+    """
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def cpu_has_avx512() -> bool:
+    """channels_last fp32 convolutions measured faster on an AVX-512 CPU (635 vs 474 img/s, bench/precision.py)."""
+    probe = getattr(torch.cpu, "_is_avx512_supported", None)
+    return bool(probe and probe())
+
+
 def select_precision(cfg: TrainConfig, device: torch.device) -> Precision:
-    """AMP and channels_last are on by default on CUDA (bf16 where supported), off on CPU."""
+    """"auto" picks what was measured fastest at the same accuracy on the device.
+
+    CUDA: bf16 autocast (fp16 where bf16 is unsupported) and channels_last. CPU: bf16 autocast where the
+    CPU has native bf16 instructions (4 epochs of the recipe: 80.19% test in 3 min 8 s vs 80.43% in
+    9 min 13 s in fp32, README), channels_last on AVX-512 CPUs, fp32 and the default layout elsewhere.
+    """
     cuda = device.type == "cuda"
     if cfg.amp == "auto":
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+        if cuda:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if cpu_has_native_bf16() else None
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
-    channels_last = cuda if cfg.channels_last == "auto" else cfg.channels_last == "on"
+    if cfg.channels_last == "auto":
+        channels_last = cuda or cpu_has_avx512()
+    else:
+        channels_last = cfg.channels_last == "on"
     return Precision(dtype, channels_last)
 
 

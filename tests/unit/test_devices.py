@@ -46,14 +46,14 @@ def _run(device: str, amp: str, channels_last: str = "auto", compile: bool = Fal
     return cfg, state, stats
 
 
-def test_auto_picks_cuda_bf16_and_channels_last_only_on_a_gpu():
+def test_auto_picks_cuda_with_amp_and_channels_last_on_a_gpu():
     device = select_device()
     p = select_precision(TrainConfig(), device)
     if torch.cuda.is_available():
         assert device.type == "cuda"
         assert p.channels_last and p.autocast_dtype in (torch.bfloat16, torch.float16)
     else:
-        assert device.type == "cpu" and p == select_precision(TrainConfig(amp="off", channels_last="off"), device)
+        assert device.type == "cpu" and p.autocast_dtype in (None, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

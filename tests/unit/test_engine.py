@@ -59,9 +59,13 @@ def test_step_schedule():
     assert [lr_factor(cfg, e * 10, 10, 4) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.01])
 
 
-def test_cpu_precision_defaults_to_fp32():
-    p = select_precision(TrainConfig(), CPU)
-    assert p.autocast_dtype is None and not p.channels_last
+@pytest.mark.parametrize("bf16, avx512", [(False, False), (False, True), (True, True)])
+def test_cpu_precision_auto_follows_the_cpu_and_explicit_settings_win(monkeypatch, bf16, avx512):
+    """auto: bf16 only with native bf16 instructions (emulated bf16 is slower than fp32), channels_last on AVX-512."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    assert select_precision(TrainConfig(), CPU) == Precision(torch.bfloat16 if bf16 else None, avx512)
+    assert select_precision(TrainConfig(amp="off", channels_last="off"), CPU) == Precision(None, False)
     assert select_precision(TrainConfig(amp="bf16", channels_last="on"), CPU) == Precision(torch.bfloat16, True)
 
 
