@@ -70,23 +70,29 @@ PRESETS: dict[str, SweepConfig] = {
         train_subset=2000, data_path="device",
         finetune=FinetuneConfig(mode="head", backbone_lr_scale=0.1, epochs=1, lr=0.05, subset=2000),
     ),
-    # The README default: real CIFAR-10 on 2 CPU cores, the whole pipeline in about 15 min. The
+    # The README default: real CIFAR-10 on 2 CPU cores, the whole pipeline in under 15 min. The
     # space is centred on the measured 4-epoch recipe (README: SGD-Nesterov, one-cycle to 0.6 at
     # batch 128, 2-px crops, smoothing 0.2, wd 5e-4; 80.4% test): the first trial is the recipe
-    # itself. 9 trials halved x3 at 2,000 and 6,000 images (7 s and 20 s of training); the
-    # winner goes on in the same run to the recipe's 4 epochs on all of train, ~10 min of the
-    # budget, which leaves the search ~2 min. One trial at a time with both cores: ResNet-20
-    # trains 389 img/s at 2 threads against 355 img/s in all for two 1-thread processes
-    # (bench/cpu_split.py, 2026-12-06), and
-    # the winner's 4 epochs, most of the budget, run alone. Fine-tuning: one short low-rate
-    # pass over 5,000 train+val images (README: what it bought).
+    # itself. 9 trials halved x3 at 6,000 and 18,000 images (about 6 s and 17 s of training at
+    # ~1,100 img/s, bf16 + channels_last: bench/precision.py); the winner goes on in the same
+    # run to 12 epochs on all of train (~9 min), which leaves the search ~1.5 min. One trial at a
+    # time with both cores: ResNet-20 trains 389 img/s at 2 threads against 355 img/s in all for
+    # two 1-thread processes (bench/cpu_split.py, fp32, 2026-12-06), and the winner's epochs,
+    # most of the budget, run alone. Val: all 5,000 images (1-2 s in bf16), so a rung's
+    # decision is not a 2,500-image coin toss. Fine-tuning: one short low-rate pass over 5,000
+    # train+val images; after a full one-cycle run it buys nothing measurable (README: 5,000
+    # images at 0.02 -0.23 points, at 0.005 -0.03, 20,000 at 0.005 -0.10), so it is the
+    # gentlest of those and the budget goes to the winner's epochs instead. Width stays 1.0: every other width measured
+    # trains slower here (0.75: 493 img/s against 1,192 in bf16, 443 against 631 in fp32; its
+    # 12-24-48 channels suit oneDNN's kernels badly; 1.5 and 2: 509-542 bf16), so its winner would
+    # not finish in the budget; deeper flavors cost more per image for the same reason.
     "local": SweepConfig(
-        space=SearchSpace(flavors=("resnet20",), widths=(1.0, 0.75), optimizers=("sgd",), lr_mult=(2.0, 4.5),
+        space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd",), lr_mult=(2.0, 4.5),
                           weight_decay=(2.5e-4, 1e-3), batch_sizes=(128,), label_smoothing=(0.2, 0.1, 0.3),
                           pads=(2, 3)),
-        rungs=RungConfig(max_epochs=4, first_rung_images=2000, reduction_factor=3), num_samples=9,
-        max_concurrent=1, val_subset=2500, data_path="device", serve=True,
-        finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=1.0, epochs=1, lr=0.02,
+        rungs=RungConfig(max_epochs=12, first_rung_images=6000, reduction_factor=3), num_samples=9,
+        max_concurrent=1, val_subset=0, data_path="device", serve=True,
+        finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=1.0, epochs=1, lr=0.005,
                                 optimizer="sgd", subset=5000),
     ),
     # A GPU cluster: several workers per trial, deeper and wider nets, 30 epochs, many trials

@@ -151,7 +151,7 @@ def test_own_finetuning_data_gets_the_own_data_defaults_unless_options_say_other
     p = argparse.ArgumentParser()
     add_sweep_args(p)
     cifar = sweep_config_from_args(p.parse_args(["--preset", "local"])).finetune
-    assert (cifar.epochs, cifar.lr) == (1, 0.02)   # the preset's short low-rate pass, for CIFAR-10
+    assert (cifar.epochs, cifar.lr) == (1, 0.005)   # the preset's short low-rate pass, for CIFAR-10
     own = sweep_config_from_args(p.parse_args(["--preset", "local", "--finetune-data", str(tmp_path)])).finetune
     defaults = FinetuneConfig()   # the measured own-data defaults
     assert (own.epochs, own.batch_size) == (0, 0)   # sized to the data
