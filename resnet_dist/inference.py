@@ -148,7 +148,8 @@ def checkpoint_id(path: str | os.PathLike) -> str:
 
 def load_predictor(path: str | os.PathLike, device: torch.device | None = None) -> Predictor:
     """Resolve `path` (see `resolve_checkpoint`), load it with weights_only=True, pick precision
-    the way offline evaluation does (fp32 on CPU, the run's AMP setting on CUDA)."""
+    the way offline evaluation does: the run's settings, "auto" resolved on this device
+    (resnet_dist.engine.select_precision: bf16 on CUDA and on CPUs with native bf16)."""
     file = resolve_checkpoint(path)
     device = device or select_device()
     model, ckpt = load_model(file, device)

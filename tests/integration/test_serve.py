@@ -62,12 +62,40 @@ def test_images(real_cifar_dir: Path) -> np.ndarray:
     return read_split(real_cifar_dir, "test").images[:N_IMAGES]
 
 
+# Serving runs at the checkpoint's precision as the device resolves it (bf16 autocast on a CPU
+# with native bf16, as here), and a bf16 result moves with the batch it was computed in; the
+# reference is fp32. A served class counts as the offline one when it is the offline top-1, or
+# within NEAR_TIE of it in offline probability (a near tie that bf16 rounding may flip): the
+# run_dir model (8 steps of training) spreads its probabilities (top-1 0.11-0.21), and bf16 moved
+# them by at most 0.0007 at batches 1-200 (2 of 200 top-1s flipped), so 3x that.
+NEAR_TIE = 0.002
+
+
+@dataclasses.dataclass(frozen=True)
+class Offline:
+    probs: np.ndarray   # (N_IMAGES, classes), fp32, one batch
+
+    @property
+    def top1(self) -> list[int]:
+        return self.probs.argmax(1).tolist()
+
+    def agrees(self, i: int, index: int) -> bool:
+        return index == self.top1[i] or self.probs[i, self.top1[i]] - self.probs[i, index] < NEAR_TIE
+
+    def all_agree(self, indices: list[int], start: int = 0) -> bool:
+        return all(self.agrees(start + k, index) for k, index in enumerate(indices))
+
+
 @pytest.fixture(scope="module")
-def offline_top1(run_dir: Path, test_images: np.ndarray) -> list[int]:
+def offline(run_dir: Path, test_images: np.ndarray) -> Offline:
     """Single-process prediction with the serving preprocessing: checkpoint mean/std, fp32, no flip TTA."""
     model, ckpt = load_model(resolve_checkpoint(run_dir))
     x = normalize(torch.from_numpy(test_images), ckpt["mean"], ckpt["std"])
-    return predict_logits(model, x, Precision(None, False), flip_tta=False).argmax(1).tolist()
+    probs = torch.softmax(predict_logits(model, x, Precision(None, False), flip_tta=False), dim=1).numpy()
+    top = np.sort(probs, axis=1)
+    # The tolerance must leave most images an exact check (19% are near ties here), or the test would prove little.
+    assert np.mean(top[:, -1] - top[:, -2] < NEAR_TIE) < 0.3
+    return Offline(probs)
 
 
 API_KEY = "test-key-0123456789"
@@ -96,13 +124,18 @@ def predict(client: httpx.Client, data: bytes) -> httpx.Response:
     return client.post("/v1/predict", content=data, headers={"Content-Type": "image/png"})
 
 
-def test_served_predictions_equal_offline(served, run_dir, test_images, offline_top1) -> None:
+def test_served_predictions_equal_offline(served, run_dir, test_images, offline) -> None:
     _, client = served
     with ThreadPoolExecutor(16) as pool:   # concurrent, so requests share batches
         responses = list(pool.map(lambda im: predict(client, png(im)), test_images))
     assert [r.status_code for r in responses] == [200] * N_IMAGES
     bodies = [r.json() for r in responses]
-    assert [b["predictions"][0]["index"] for b in bodies] == offline_top1
+    served_top1 = [b["predictions"][0]["index"] for b in bodies]
+    assert offline.all_agree(served_top1), [(i, a, b) for i, (a, b) in enumerate(zip(served_top1, offline.top1)) if a != b]
+    assert sum(a == b for a, b in zip(served_top1, offline.top1)) >= 0.95 * N_IMAGES
+    # The served probabilities are the offline ones, to bf16's precision.
+    served_p = np.array([b["predictions"][0]["probability"] for b in bodies])
+    assert np.abs(served_p - offline.probs[np.arange(N_IMAGES), served_top1]).max() < NEAR_TIE
     assert max(b["batch_size"] for b in bodies) > 1
     file = resolve_checkpoint(run_dir)
     assert bodies[0]["model_version"].startswith(checkpoint_id(file) + "+")
@@ -110,12 +143,12 @@ def test_served_predictions_equal_offline(served, run_dir, test_images, offline_
 
     # The same images through multipart/form-data and the JSON batch route.
     r = client.post("/v1/predict?top_k=2", files={"file": ("a.png", png(test_images[0]), "image/png")})
-    assert r.status_code == 200 and [p["index"] for p in r.json()["predictions"]][:1] == offline_top1[:1]
+    assert r.status_code == 200 and offline.agrees(0, r.json()["predictions"][0]["index"])
     assert len(r.json()["predictions"]) == 2
     batch = {"images": [base64.b64encode(png(im)).decode() for im in test_images[:10]]}
     r = client.post("/v1/predict/batch", json=batch)
     assert r.status_code == 200
-    assert [p[0]["index"] for p in r.json()["predictions"]] == offline_top1[:10]
+    assert offline.all_agree([p[0]["index"] for p in r.json()["predictions"]]) and len(r.json()["predictions"]) == 10
 
 
 def bad_requests(max_body: int) -> list[tuple[str, dict, int, str]]:
@@ -141,7 +174,7 @@ def bad_requests(max_body: int) -> list[tuple[str, dict, int, str]]:
     ]
 
 
-def test_bad_input_is_refused_and_server_keeps_answering(served, test_images, offline_top1) -> None:
+def test_bad_input_is_refused_and_server_keeps_answering(served, test_images, offline) -> None:
     cfg, client = served
     for i, (path, kwargs, status, fragment) in enumerate(bad_requests(cfg.max_body_bytes)):
         r = client.post(path, **kwargs)
@@ -150,7 +183,7 @@ def test_bad_input_is_refused_and_server_keeps_answering(served, test_images, of
         assert list(body) == ["error"] and fragment in body["error"], (path, body)
         assert "\n" not in r.text
         good = predict(client, png(test_images[i]))
-        assert good.status_code == 200 and good.json()["predictions"][0]["index"] == offline_top1[i]
+        assert good.status_code == 200 and offline.agrees(i, good.json()["predictions"][0]["index"])
     r = client.get("/v1/predict")
     assert r.status_code == 405 and "error" in r.json()
 
@@ -283,7 +316,7 @@ def big_png(image: np.ndarray, side: int = 1024) -> bytes:
     return png(np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR)))
 
 
-def test_large_images_do_not_stall_the_replica(served, test_images, offline_top1) -> None:
+def test_large_images_do_not_stall_the_replica(served, test_images, offline) -> None:
     """While 1-megapixel images are decoded (in the replica's decode pool), the replica keeps
     answering /healthz and small requests; and the cap refuses more pixels than that."""
     cfg, client = served
@@ -296,7 +329,7 @@ def test_large_images_do_not_stall_the_replica(served, test_images, offline_top1
             assert client.get("/healthz").status_code == 200
             health_ms.append((time.perf_counter() - t) * 1000)
             small = predict(client, png(test_images[30]))
-            assert small.status_code == 200 and small.json()["predictions"][0]["index"] == offline_top1[30]
+            assert small.status_code == 200 and offline.agrees(30, small.json()["predictions"][0]["index"])
         answers = [f.result() for f in pending]
     assert [r.status_code for r in answers] == [200] * len(big)
     assert len(health_ms) >= 2, "the large images were answered before the replica was probed"
