@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOST_NODE_TEST = "test_an_elastic_run_survives_a_lost_node"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The lost-node test runs first, on the fresh cluster: an elastic run starts with as many
+    workers as the CPUs free at that moment hold, and after other tests (Serve replicas, reused
+    Tune trial processes) it could start with one, leaving nothing on the second node to lose."""
+    first = [item for item in items if item.name == LOST_NODE_TEST]
+    items[:] = first + [item for item in items if item.name != LOST_NODE_TEST]
+
+
 @dataclass(frozen=True)
 class LocalCluster:
     address: str          # GCS address for ray.init / RAY_ADDRESS

@@ -169,12 +169,8 @@ def _child_named(pid: int, name: str) -> int | None:
     return None
 
 
-# Opt-in: RESNET_DIST_NODE_LOSS_TEST=1 scripts/test.sh tests/integration/test_train_ray.py -k lost_node
-# It passes on its own; after the session's other Ray Train tests the elastic run has started
-# with one worker (Ray sizes it from the CPUs free at that moment), leaving nothing on the
-# second node to lose (docs/reliability.md).
-@pytest.mark.skipif(os.environ.get("RESNET_DIST_NODE_LOSS_TEST") != "1",
-                    reason="opt-in (RESNET_DIST_NODE_LOSS_TEST=1): adds and kills a second Ray node")
+# The session runs this test first (tests/integration/conftest.py), while every CPU of the
+# shared cluster is free: an elastic run starts with the workers the free CPUs hold.
 def test_an_elastic_run_survives_a_lost_node(ray_driver, ray_cluster, tiny_data_dir, tmp_path):
     """A second node joins the shared cluster (its own raylet, as a second machine would); one
     of the two workers lands on it (1.5 CPUs each: one fits per 2-CPU node). Its raylet is
