@@ -75,7 +75,9 @@ PRESETS: dict[str, SweepConfig] = {
     # batch 128, 2-px crops, smoothing 0.2, wd 5e-4; 80.4% test): the first trial is the recipe
     # itself. 9 trials halved x3 at 6,000 and 18,000 images (about 6 s and 17 s of training at
     # ~1,100 img/s, bf16 + channels_last: bench/precision.py); the winner goes on in the same
-    # run to 12 epochs on all of train (~9 min), which leaves the search ~1.5 min. One trial at a
+    # run to 11 epochs on all of train (9-11 min), which leaves the search ~1.5 min. (At 12
+    # epochs the whole job took 12 min 43 s and, on a day this VM ran 15% slower, 14 min 52 s:
+    # too close to 15; README.) One trial at a
     # time with both cores: ResNet-20 trains 389 img/s at 2 threads against 355 img/s in all for
     # two 1-thread processes (bench/cpu_split.py, fp32, 2026-12-06), and the winner's epochs,
     # most of the budget, run alone. Val: all 5,000 images (1-2 s in bf16), so a rung's
@@ -90,7 +92,7 @@ PRESETS: dict[str, SweepConfig] = {
         space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd",), lr_mult=(2.0, 4.5),
                           weight_decay=(2.5e-4, 1e-3), batch_sizes=(128,), label_smoothing=(0.2, 0.1, 0.3),
                           pads=(2, 3)),
-        rungs=RungConfig(max_epochs=12, first_rung_images=6000, reduction_factor=3), num_samples=9,
+        rungs=RungConfig(max_epochs=11, first_rung_images=6000, reduction_factor=3), num_samples=9,
         max_concurrent=1, val_subset=0, data_path="device", serve=True,
         finetune=FinetuneConfig(mode="full", reset_head=False, backbone_lr_scale=1.0, epochs=1, lr=0.005,
                                 optimizer="sgd", subset=5000),
