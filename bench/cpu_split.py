@@ -5,7 +5,8 @@ core; and the eval batch size. No Ray, synthetic inputs (the cost does not depen
 
 Prints training images/s of (a) one process at `os.cpu_count()` torch threads and (b) that many
 1-thread processes at once (their sum), then inference images/s at eval batches 1000, 500, 250
-and 128 at all threads; one JSON line. The `local` sweep preset (one trial at a time) and
+and 128 at all threads, all at the precision training picks on this CPU (bench/precision.py's
+loops); one JSON line. The `local` sweep preset (one trial at a time) and
 `TrainConfig.eval_batch_size` (250) cite its figures.
 """
 
@@ -16,29 +17,29 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/precision.py: the rate loops
+
+
+def _precision():
+    """What training uses on this CPU (`auto`: bf16 + channels_last where the CPU has native bf16)."""
+    import torch
+
+    from resnet_dist.config import TrainConfig
+    from resnet_dist.engine import select_precision
+
+    return select_precision(TrainConfig(), torch.device("cpu"))
 
 
 def train_rate(flavor: str, threads: int, steps: int, batch: int = 128) -> float:
     import torch
 
-    from resnet_dist.config import ModelConfig
-    from resnet_dist.models import build_model
+    from precision import train_rate as rate
 
     torch.set_num_threads(threads)
-    model = build_model(ModelConfig(flavor=flavor))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    for i in range(steps + 5):   # 5 warm-up steps
-        if i == 5:
-            t = time.perf_counter()
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return steps * batch / (time.perf_counter() - t)
+    return rate(flavor, _precision(), batch, steps)
 
 
 def _worker(args: tuple[str, int]) -> float:
@@ -48,22 +49,10 @@ def _worker(args: tuple[str, int]) -> float:
 def eval_rates(flavor: str, threads: int, images: int = 3000) -> dict[int, float]:
     import torch
 
-    from resnet_dist.config import ModelConfig
-    from resnet_dist.models import build_model
+    from precision import eval_rate
 
     torch.set_num_threads(threads)
-    model = build_model(ModelConfig(flavor=flavor)).eval()
-    out = {}
-    for bs in (1000, 500, 250, 128):
-        x = torch.randn(bs, 3, 32, 32)
-        with torch.inference_mode():
-            model(x)
-            t, n = time.perf_counter(), 0
-            while n < images:
-                model(x)
-                n += bs
-        out[bs] = n / (time.perf_counter() - t)
-    return out
+    return {bs: eval_rate(flavor, _precision(), bs, max(2, images // bs)) for bs in (1000, 500, 250, 128)}
 
 
 def main() -> None:
@@ -71,6 +60,8 @@ def main() -> None:
     p.add_argument("--flavor", default="resnet20")
     p.add_argument("--steps", type=int, default=20, help="timed training steps of batch 128")
     args = p.parse_args()
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
     cores = os.cpu_count() or 1
     one = train_rate(args.flavor, cores, args.steps)
     with mp.get_context("spawn").Pool(cores) as pool:
@@ -79,7 +70,8 @@ def main() -> None:
     print(f"{args.flavor} training, batch 128: one process x {cores} threads {one:.0f} img/s; "
           f"{cores} processes x 1 thread {sum(each):.0f} img/s in all ({', '.join(f'{r:.0f}' for r in each)})")
     print("inference at", cores, "threads:", ", ".join(f"batch {b}: {r:.0f} img/s" for b, r in evals.items()))
-    print(json.dumps({"flavor": args.flavor, "cores": cores, "one_process_img_s": round(one),
+    print("precision:", _precision())
+    print(json.dumps({"flavor": args.flavor, "cores": cores, "precision": str(_precision()), "one_process_img_s": round(one),
                       "split_img_s": round(sum(each)), "eval_img_s": {b: round(r) for b, r in evals.items()}}))
 
 

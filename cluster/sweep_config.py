@@ -74,20 +74,20 @@ PRESETS: dict[str, SweepConfig] = {
     # space is centred on the measured 4-epoch recipe (README: SGD-Nesterov, one-cycle to 0.6 at
     # batch 128, 2-px crops, smoothing 0.2, wd 5e-4; 80.4% test): the first trial is the recipe
     # itself. 9 trials halved x3 at 6,000 and 18,000 images (about 6 s and 17 s of training at
-    # ~1,100 img/s, bf16 + channels_last: bench/precision.py); the winner goes on in the same
-    # run to 11 epochs on all of train (9-11 min), which leaves the search ~1.5 min. (At 12
-    # epochs the whole job took 12 min 43 s and, on a day this VM ran 15% slower, 14 min 52 s:
-    # too close to 15; README.) One trial at a
-    # time with both cores: ResNet-20 trains 389 img/s at 2 threads against 355 img/s in all for
-    # two 1-thread processes (bench/cpu_split.py, fp32, 2026-12-06), and the winner's epochs,
-    # most of the budget, run alone. Val: all 5,000 images (1-2 s in bf16), so a rung's
-    # decision is not a 2,500-image coin toss. Fine-tuning: one short low-rate pass over 5,000
-    # train+val images; after a full one-cycle run it buys nothing measurable (README: 5,000
-    # images at 0.02 -0.23 points, at 0.005 -0.03, 20,000 at 0.005 -0.10), so it is the
-    # gentlest of those and the budget goes to the winner's epochs instead. Width stays 1.0: every other width measured
-    # trains slower here (0.75: 493 img/s against 1,192 in bf16, 443 against 631 in fp32; its
-    # 12-24-48 channels suit oneDNN's kernels badly; 1.5 and 2: 509-542 bf16), so its winner would
-    # not finish in the budget; deeper flavors cost more per image for the same reason.
+    # ~1,100 img/s, bf16 + channels_last: bench/precision.py); the winner goes on in the same run
+    # to 11 epochs on all of train (9-11 min), which leaves the search ~1.5 min. (At 12 epochs
+    # the job took 12 min 43 s, and 14 min 52 s later the same afternoon on a slower VM: too
+    # close to 15; README.) One trial at a time on both cores: the winner's epochs, most of the
+    # budget, run alone, at 890-949 img/s with 2 threads against 567-597 with 1. (Two 1-thread
+    # trials at once would train 1,141-1,195 img/s in all, bench/cpu_split.py in bf16: about
+    # 20 s saved on the rungs; not measured end to end, so not taken.)
+    # Val: all 5,000 images (1-2 s in bf16), so a rung's decision is not a 2,500-image coin toss.
+    # Width stays 1.0: every other width trains slower here (0.75: 493 img/s against 1,192 in
+    # bf16, 443 against 631 in fp32, its 12-24-48 channels suiting oneDNN's kernels badly; 1.5
+    # and 2: 509-542 bf16), so its winner would not finish in the budget.
+    # Fine-tuning: one short low-rate pass over 5,000 train+val images; after a full one-cycle
+    # run it buys nothing measurable (README: at 0.02 -0.23 points, at 0.005 -0.03, 20,000
+    # images at 0.005 -0.10), so it is the gentlest of those.
     "local": SweepConfig(
         space=SearchSpace(flavors=("resnet20",), widths=(1.0,), optimizers=("sgd",), lr_mult=(2.0, 4.5),
                           weight_decay=(2.5e-4, 1e-3), batch_sizes=(128,), label_smoothing=(0.2, 0.1, 0.3),

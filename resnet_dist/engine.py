@@ -44,21 +44,25 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
+def _cpu_probe(name: str) -> bool:
+    """torch.cpu's private capability probes (absent in some builds: then False)."""
+    probe = getattr(torch.cpu, name, None)
+    return bool(probe and probe())
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 dot-product instructions (AVX512-BF16, e.g. Sapphire Rapids with AMX).
 
     There oneDNN runs bf16 convolutions natively: ResNet-20 training at batch 128 on 2 cores went
-    474 -> 1,219 img/s with bf16 autocast + channels_last (bench/precision.py). Elsewhere bf16 on a CPU
-    is emulated and slower than fp32, so "auto" leaves it off.
+    449-528 -> 1,200 img/s with bf16 autocast + channels_last (bench/precision.py). Elsewhere bf16 on
+    a CPU is emulated and slower than fp32, so "auto" leaves it off.
     """
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and probe())
+    return _cpu_probe("_is_avx512_bf16_supported")
 
 
 def cpu_has_avx512() -> bool:
-    """channels_last fp32 convolutions measured faster on an AVX-512 CPU (635 vs 474 img/s, bench/precision.py)."""
-    probe = getattr(torch.cpu, "_is_avx512_supported", None)
-    return bool(probe and probe())
+    """channels_last fp32 convolutions measured faster on an AVX-512 CPU (658-670 vs 449-528 img/s, bench/precision.py)."""
+    return _cpu_probe("_is_avx512_supported")
 
 
 def select_precision(cfg: TrainConfig, device: torch.device) -> Precision:

@@ -82,8 +82,9 @@ class Offline:
     def agrees(self, i: int, index: int) -> bool:
         return index == self.top1[i] or self.probs[i, self.top1[i]] - self.probs[i, index] < NEAR_TIE
 
-    def all_agree(self, indices: list[int], start: int = 0) -> bool:
-        return all(self.agrees(start + k, index) for k, index in enumerate(indices))
+    def all_agree(self, indices: list[int]) -> bool:
+        """indices[i] is the served class of test image i."""
+        return all(self.agrees(i, index) for i, index in enumerate(indices))
 
 
 @pytest.fixture(scope="module")
