@@ -14,11 +14,12 @@ decoding pool, micro-batching and torch threads, started by this script on the s
 cores and loaded by the same clients; the report gives Ray Serve / peer per level and
 peak against peak. (d) loads POST /v1/predict/batch with --batch-images images per
 request and compares images/s with raw in-process inference at that batch size.
-The "where the time goes" table splits the CPU a request costs at the peak (2 cores x
-wall / requests) into decoding, the model (at the mean batch size Serve formed), the
-client, and the rest: HTTP, the proxy and Serve's routing.
-The clients share the server's cores, so their cost counts: aiohttp spends
-about 0.15 ms of CPU per request here, httpx 1.2-1.4 ms (bench/serve_overhead.py).
+The "where the time goes" table is measured, not inferred: each level's CPU time by process
+(/proc, bench/proc_cpu.py) -- the server process (Serve's replica, or the peer), the
+clients (this process), HAProxy and Serve's proxy actor, the rest of Ray -- per request
+answered, and the cores left idle; the server's share is split into the model (raw
+in-process cost at the mean batch formed), decoding, and the rest (HTTP, framework, Serve).
+The clients share the server's cores, so their cost counts.
 Right after (a), before any live reconfigure, a soak sends valid requests open-loop at half the peak throughput of (a)
 with malformed requests spread evenly among them, and checks that every
 malformed one got its 4xx, nothing got a 5xx, and no replica restarted.
@@ -50,9 +51,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proc_cpu  # noqa: E402  (bench/proc_cpu.py, beside this script)
+
 PNG = {"Content-Type": "image/png"}
 MAX_IN_FLIGHT = 256   # open-loop soak: cap on outstanding requests, so a stall cannot pile up unboundedly
-CLIENT_MS = 0.15      # aiohttp's CPU per request on these cores, ms (bench/serve_overhead.py)
 # The environment of the Ray this script starts, per --ingress (Serve reads it when its processes start).
 INGRESS_ENV = {
     "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
@@ -175,6 +178,20 @@ async def closed_loop(client: aiohttp.ClientSession, payloads: list[bytes], conc
     await asyncio.gather(*(user(i) for i in range(concurrency)))
     mean_batch = {"mean_batch": round(float(np.mean(sizes)), 2)} if sizes else {}
     return {"concurrency": concurrency, **summarize(latencies, statuses, time.perf_counter() - start), **mean_batch}
+
+
+async def measured(level, named: dict[int, str]) -> dict[str, Any]:
+    """Run one closed_loop level (a coroutine) and add the CPU each group of processes used
+    during it, ms per request answered, and the share of the machine's cores left idle."""
+    before, start = proc_cpu.snapshot(), time.perf_counter()
+    r = await level
+    wall = time.perf_counter() - start
+    used = proc_cpu.by_group(before, proc_cpu.snapshot(), named)
+    cores = os.cpu_count() or 1
+    per = 1000 / max(r["ok"], 1)
+    r["cpu_ms_per_request"] = {g: round(v * per, 3) for g, v in sorted(used.items(), key=lambda kv: -kv[1])}
+    r["idle_ms_per_request"] = round(max(0.0, cores * wall - sum(used.values())) * per, 3)
+    return r
 
 
 def batch_bodies(payloads: list[bytes], n_images: int, count: int = 8) -> list[bytes]:
@@ -334,24 +351,43 @@ def batch_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def breakdown(peak_rps: float, mean_batch: float, decode_ms: float, raw: list[dict[str, Any]], cores: int) -> dict:
-    """CPU ms per request at the peak, split into decoding, the model, the client and the rest."""
-    by_batch = {r["batch_size"]: 1000 / r["images_per_s"] for r in raw}
-    # The model's cost per image at the mean batch formed, interpolated between the measured sizes.
-    sizes = sorted(by_batch)
-    model_ms = float(np.interp(mean_batch, sizes, [by_batch[b] for b in sizes]))
-    total = cores * 1000 / peak_rps
-    rest = total - decode_ms - model_ms - CLIENT_MS
-    return {"cpu_ms_per_request": round(total, 2), "decode_ms": round(decode_ms, 2), "model_ms": round(model_ms, 2),
-            "client_ms": CLIENT_MS, "http_proxy_serve_ms": round(rest, 2), "mean_batch": round(mean_batch, 2)}
+SERVER = ("replica", "server")                      # the process holding the model: Serve's replica, the peer
+INGRESS = ("haproxy", "Serve proxy actor")           # what forwards a request to it, besides the kernel
 
 
-def breakdown_table(title: str, b: dict[str, Any]) -> Table:
-    t = Table(title=f"where the time goes at the peak, {title}: CPU ms per request")
-    for col in ("total", "decode", "model", "client", "HTTP + proxy + Serve", "mean batch"):
-        t.add_column(col, justify="right")
-    t.add_row(*(f"{b[k]:.2f}" for k in ("cpu_ms_per_request", "decode_ms", "model_ms", "client_ms",
-                                        "http_proxy_serve_ms", "mean_batch")))
+def breakdown(level: dict[str, Any], decode_ms: float, raw: list[dict[str, Any]]) -> dict:
+    """CPU ms per request at one level (measured by process), the server's split into the
+    model (raw cost per image at the mean batch formed), decoding and the rest. A model call's
+    time is close to linear in its batch size (a fixed cost plus one per image), so the call
+    time is interpolated between the measured sizes and divided by the batch."""
+    call_ms = {r["batch_size"]: r["batch_size"] * 1000 / r["images_per_s"] for r in raw}
+    sizes = sorted(call_ms)
+    model_ms = float(np.interp(level["mean_batch"], sizes, [call_ms[b] for b in sizes])) / level["mean_batch"]
+    cpu = level["cpu_ms_per_request"]
+    server = sum(cpu.get(g, 0.0) for g in SERVER)
+    ingress = sum(cpu.get(g, 0.0) for g in INGRESS)
+    client = cpu.get("client", 0.0)
+    others = sum(cpu.values()) - server - ingress - client
+    return {"req_per_s": level["throughput_rps"], "mean_batch": level["mean_batch"],
+            "server_ms": round(server, 3), "model_ms": round(model_ms, 3), "decode_ms": round(decode_ms, 3),
+            "server_rest_ms": round(server - model_ms - decode_ms, 3), "ingress_ms": round(ingress, 3),
+            "client_ms": round(client, 3), "other_processes_ms": round(others, 3),
+            "idle_ms": level["idle_ms_per_request"]}
+
+
+BREAKDOWN_COLUMNS = (("req/s", "req_per_s"), ("mean batch", "mean_batch"), ("server process", "server_ms"),
+                     ("of it: model", "model_ms"), ("decode", "decode_ms"), ("HTTP + framework (+ Serve)", "server_rest_ms"),
+                     ("HAProxy + proxy actor", "ingress_ms"), ("client", "client_ms"),
+                     ("other processes (Ray's)", "other_processes_ms"), ("cores idle", "idle_ms"))
+
+
+def breakdown_table(rows: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="where the time goes at each server's peak: CPU ms per request, measured by process")
+    t.add_column("server")
+    for name, _ in BREAKDOWN_COLUMNS:
+        t.add_column(name, justify="right")
+    for server, b in rows.items():
+        t.add_row(server, *(f"{b[k]:.1f}" if k == "req_per_s" else f"{b[k]:.2f}" for _, k in BREAKDOWN_COLUMNS))
     return t
 
 
@@ -391,7 +427,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up: connections, first batches
             # (a), then the soak, before any live reconfigure: under HAProxy a reconfigure is followed
             # by a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
-            result["batching_on"] = [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests)
+            result["batching_on"] = [await measured(closed_loop(client, payloads, n, args.level_seconds,
+                                                                args.max_requests), {os.getpid(): "client"})
                                      for n in args.levels]
             console.print(level_table(f"(a) batching on: max_batch_size={cfg.max_batch_size}", result["batching_on"]))
             peak = max(r["throughput_rps"] for r in result["batching_on"])
@@ -435,9 +472,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
             decode_ms = decode_cost_ms(payloads)
             best = max(result["batching_on"], key=lambda r: r["throughput_rps"])
-            result["breakdown"] = {"serve": breakdown(best["throughput_rps"], best["mean_batch"], decode_ms,
-                                                      result["raw"], os.cpu_count() or 1)}
-            console.print(breakdown_table("Ray Serve", result["breakdown"]["serve"]))
+            result["breakdown"] = {"Ray Serve": breakdown(best, decode_ms, result["raw"])}
 
     finally:
         serve.delete(cfg.name)   # the peer then runs with the cores to itself, as Serve did
@@ -446,11 +481,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print(level_table("(p) plain uvicorn + FastAPI server, same model and batching", result["peer"]))
         console.print(ratio_table(result["batching_on"], result["peer"]))
         best = max(result["peer"], key=lambda r: r["throughput_rps"])
-        result["breakdown"]["peer"] = breakdown(best["throughput_rps"], best["mean_batch"], decode_ms,
-                                                result["raw"], os.cpu_count() or 1)
-        console.print(breakdown_table("plain server", result["breakdown"]["peer"]))
+        result["breakdown"]["plain server"] = breakdown(best, decode_ms, result["raw"])
         peak_serve = max(r["throughput_rps"] for r in result["batching_on"])
         result["serve_over_peer_peak"] = round(peak_serve / max(best["throughput_rps"], 1e-9), 3)
+    console.print(breakdown_table(result["breakdown"]))
     return result
 
 
@@ -461,7 +495,8 @@ async def measure_peer(args: argparse.Namespace, cfg, payloads: list[bytes]) -> 
         async with aiohttp.ClientSession(f"http://127.0.0.1:{args.peer_port}", timeout=aiohttp.ClientTimeout(total=60),
                                          connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)) as client:
             await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up
-            return [await closed_loop(client, payloads, n, args.level_seconds, args.max_requests) for n in args.levels]
+            return [await measured(closed_loop(client, payloads, n, args.level_seconds, args.max_requests),
+                                   {os.getpid(): "client", proc.pid: "server"}) for n in args.levels]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

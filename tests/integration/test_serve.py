@@ -150,6 +150,7 @@ def test_served_predictions_equal_offline(served, run_dir, test_images, offline)
     r = client.post("/v1/predict/batch", json=batch)
     assert r.status_code == 200
     assert offline.all_agree([p[0]["index"] for p in r.json()["predictions"]]) and len(r.json()["predictions"]) == 10
+    assert r.json()["batch_sizes"] == [10] * 10   # the request's images are one model call
 
 
 def bad_requests(max_body: int) -> list[tuple[str, dict, int, str]]:
