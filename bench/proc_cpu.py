@@ -43,6 +43,15 @@ def snapshot() -> dict[int, tuple[str, float]]:
     return out
 
 
+def machine() -> dict[str, float]:
+    """Seconds of all CPUs since boot (/proc/stat): busy, idle and steal (taken by the hypervisor)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user).
+    idle, steal = v[3] + v[4], v[7]
+    return {"busy": (sum(v[:8]) - idle - steal) / TICKS_PER_S, "idle": idle / TICKS_PER_S, "steal": steal / TICKS_PER_S}
+
+
 def group_of(cmd: str) -> str:
     for group, needle in GROUPS:
         if needle in cmd:

@@ -22,7 +22,9 @@ in-process cost at the mean batch formed), decoding, and the rest (HTTP, framewo
 The clients share the server's cores, so their cost counts.
 Right after (a), before any live reconfigure, a soak sends valid requests open-loop at half the peak throughput of (a)
 with malformed requests spread evenly among them, and checks that every
-malformed one got its 4xx, nothing got a 5xx, and no replica restarted.
+malformed one got its 4xx, nothing got a 5xx, and no replica restarted; its timeline (latency,
+requests in flight and the CPUs' busy and stolen time per 5 s) shows when a tail forms. Then each
+kind of request is sent alone, one at a time, for its latency and server-side CPU.
 Prints rich tables and, last, one JSON line. Exit code 1 if the soak failed.
 Joins RAY_ADDRESS or a running local Ray, else starts one (cluster.runtime.connect)
 with the --ingress chosen: Serve's Python proxy, its throughput mode (the earlier
@@ -55,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import proc_cpu  # noqa: E402  (bench/proc_cpu.py, beside this script)
 
 PNG = {"Content-Type": "image/png"}
+SOAK_WINDOW_S = 5.0   # the soak's timeline: latency, requests in flight and CPU per window of this many s
 MAX_IN_FLIGHT = 256   # open-loop soak: cap on outstanding requests, so a stall cannot pile up unboundedly
 # The environment of the Ray this script starts, per --ingress (Serve reads it when its processes start).
 INGRESS_ENV = {
@@ -243,33 +246,54 @@ async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float
     schedule.sort(key=lambda s: s[0])
     latencies, statuses, unexpected = [], Counter(), Counter()
     limit = asyncio.Semaphore(MAX_IN_FLIGHT)
+    in_flight, timeline = [0], []   # timeline: (s since start when sent, latency s) of the valid requests
 
     async def send(i: int, kind) -> None:
         async with limit:
             t = time.perf_counter()
+            in_flight[0] += 1
             if kind is None:
                 status = await post(client, "/v1/predict", data=payloads[i % len(payloads)], headers=PNG)
             else:
                 status = await post(client, kind[1], **kind[2])
+            in_flight[0] -= 1
             statuses[status] += 1
             if kind is None:
                 latencies.append(time.perf_counter() - t)
+                timeline.append((t - start, latencies[-1]))
                 if status != 200:
                     unexpected[f"valid -> {status}"] += 1
             elif status != kind[3]:
                 unexpected[f"{kind[0]} -> {status}"] += 1
 
+    # Per window: the most requests in flight (sampled at each send) and the CPUs' busy/steal time.
+    peaks: Counter = Counter()
+    cpu = [(0.0, proc_cpu.machine())]
     start, tasks = time.perf_counter(), []
     for i, (at, kind) in enumerate(schedule):
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        w = int((time.perf_counter() - start) // SOAK_WINDOW_S)
+        peaks[w] = max(peaks[w], in_flight[0])
+        if w >= len(cpu):
+            cpu.append((time.perf_counter() - start, proc_cpu.machine()))
         tasks.append(asyncio.create_task(send(i, kind)))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
+    cpu.append((elapsed, proc_cpu.machine()))
+    windows = []
+    for w, ((t0, a), (t1, b)) in enumerate(zip(cpu, cpu[1:])):
+        ms = [lat * 1000 for at, lat in timeline if t0 <= at < t1]
+        span = max(t1 - t0, 1e-9)
+        windows.append({"from_s": round(t0, 1), "valid": len(ms), "max_in_flight": peaks.get(w, 0),
+                        "p50_ms": round(float(np.percentile(ms, 50)), 1) if ms else None,
+                        "p99_ms": round(float(np.percentile(ms, 99)), 1) if ms else None,
+                        "cpus_busy": round((b["busy"] - a["busy"]) / span, 2),
+                        "cpus_stolen": round((b["steal"] - a["steal"]) / span, 2)})
     valid = Counter({200: statuses.get(200, 0), "other": len(latencies) - statuses.get(200, 0)})
     return {"target_rps": round(rate, 1), "seconds": round(elapsed, 1), "malformed": n_bad,
             **summarize(latencies, valid, elapsed),
             "status_counts": {str(k): v for k, v in sorted(statuses.items(), key=str)},
-            "unexpected": dict(unexpected),
+            "unexpected": dict(unexpected), "windows": windows,
             "server_errors_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500)}
 
 
@@ -391,6 +415,44 @@ def breakdown_table(rows: dict[str, dict[str, Any]]) -> Table:
     return t
 
 
+def soak_windows_table(s: dict[str, Any]) -> Table:
+    t = Table(title=f"the soak over time, {SOAK_WINDOW_S:g} s windows (valid requests by when they were sent)")
+    for col in ("from s", "valid", "p50 ms", "p99 ms", "max in flight", "CPUs busy", "CPUs stolen"):
+        t.add_column(col, justify="right")
+    for w in s["windows"]:
+        t.add_row(f"{w['from_s']:.0f}", str(w["valid"]), f"{w['p50_ms'] or 0:.1f}", f"{w['p99_ms'] or 0:.1f}",
+                  str(w["max_in_flight"]), f"{w['cpus_busy']:.2f}", f"{w['cpus_stolen']:.2f}")
+    return t
+
+
+async def malformed_cost(client: aiohttp.ClientSession, bad: list[tuple[str, str, dict, int]],
+                         valid: bytes, n: int = 50) -> list[dict[str, Any]]:
+    """Each kind of request, valid first, sent `n` times one after another: its latency and
+    the server-side CPU it costs (replica, HAProxy, Serve's processes), ms per request."""
+    rows = []
+    for name, path, kwargs, want in [("valid image", "/v1/predict", {"data": valid, "headers": PNG}, 200), *bad]:
+        before, lat, statuses = proc_cpu.snapshot(), [], Counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            statuses[await post(client, path, **kwargs)] += 1
+            lat.append(time.perf_counter() - t)
+        used = proc_cpu.by_group(before, proc_cpu.snapshot(), {os.getpid(): "client"})
+        server = sum(v for g, v in used.items() if g not in ("client", "other"))
+        rows.append({"kind": name, "expected": want, "statuses": {str(k): v for k, v in statuses.items()},
+                     "p50_ms": round(float(np.median(lat)) * 1000, 2), "server_cpu_ms": round(server * 1000 / n, 2)})
+    return rows
+
+
+def malformed_cost_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="each kind of request alone, one at a time: latency and server-side CPU (replica + HAProxy + Ray)")
+    for col in ("kind", "statuses", "p50 ms", "server CPU ms"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["kind"], " ".join(f"{k}x{v}" for k, v in r["statuses"].items()), f"{r['p50_ms']:.2f}",
+                  f"{r['server_cpu_ms']:.2f}")
+    return t
+
+
 def soak_table(s: dict[str, Any], peak: float) -> Table:
     t = Table(title=f"soak at {s['target_rps']} req/s (half of peak {peak:.1f}) for {s['seconds']} s")
     for col in ("valid", "failed", "malformed", "unexpected", "5xx", "p50 ms", "p99 ms", "restart", "pass"):
@@ -441,6 +503,9 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             s["passed"] = not s["unexpected"] and s["server_errors_5xx"] == 0 and not s["replica_restarted"]
             result["soak"] = s
             console.print(soak_table(s, peak))
+            console.print(soak_windows_table(s))
+            result["request_costs"] = await malformed_cost(client, bad, payloads[0])
+            console.print(malformed_cost_table(result["request_costs"]))
             if s["unexpected"]:
                 console.print(f"unexpected statuses: {s['unexpected']}")
 
