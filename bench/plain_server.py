@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse  # noqa: E402
 
 from resnet_dist.constants import IMAGE_SIZE  # noqa: E402
 from resnet_dist.inference import (  # noqa: E402
-    INLINE_DECODE_PIXELS, InputError, decode_pixels, load_predictor, open_image, predict_probs, top_k,
+    INLINE_DECODE_PIXELS, InputError, decode_pixels, load_predictor, open_image, predict_probs,
+    share_gil_with_model_thread, top_k,
 )
 
 
@@ -73,6 +74,7 @@ class MicroBatcher:
 
 def build(args: argparse.Namespace) -> FastAPI:
     torch.set_num_threads(args.threads)
+    share_gil_with_model_thread()   # as the Serve replica does
     predictor = load_predictor(args.checkpoint, torch.device("cpu"))
     pool = ThreadPoolExecutor(args.decode_threads)
     batcher = MicroBatcher(lambda x: predict_probs(predictor, x), args.max_batch_size, args.batch_wait_ms / 1000)

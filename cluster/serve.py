@@ -42,7 +42,7 @@ from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
     DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, load_predictor,
-    open_image, predict_probs, resolve_checkpoint, top_k as top_classes,
+    open_image, predict_probs, resolve_checkpoint, share_gil_with_model_thread, top_k as top_classes,
 )
 
 log = logging.getLogger("ray.serve")
@@ -258,6 +258,7 @@ class Classifier:
     def __init__(self, cfg: ServeConfig) -> None:
         # Batching settings arrive through reconfigure(user_config), never from `cfg`.
         torch.set_num_threads(cfg.torch_threads)   # replicas share the node's cores
+        share_gil_with_model_thread()              # the model thread beside the event loop
         self.cfg = cfg
         self.api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
         self.predictor = load_predictor(cfg.checkpoint)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -144,6 +145,20 @@ def checkpoint_id(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
+
+
+# A server's model thread needs the GIL back after every op of the forward pass, and waits up to
+# Python's switch interval (5 ms by default) for an event loop that is running Python. Under load
+# that convoy starves the model: a ResNet-20 forward in a thread beside a busy Python thread ran
+# at ~20 images/s instead of ~1,600 (ad hoc), and open-loop serving tipped into a queue it did
+# not leave (docs/benchmarks.md, the soak). 0.5 ms lets the model thread back in sooner.
+SERVER_SWITCH_INTERVAL_S = 0.0005
+
+
+def share_gil_with_model_thread() -> None:
+    """Set this process's GIL switch interval for a server whose model runs in a thread beside
+    an event loop (SERVER_SWITCH_INTERVAL_S says why). Process-wide, so only servers call it."""
+    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
 
 
 def load_predictor(path: str | os.PathLike, device: torch.device | None = None) -> Predictor:
