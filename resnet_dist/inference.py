@@ -149,9 +149,8 @@ def checkpoint_id(path: str | os.PathLike) -> str:
 
 # A server's model thread needs the GIL back after every op of the forward pass, and waits up to
 # Python's switch interval (5 ms by default) for an event loop that is running Python. Under load
-# that convoy starves the model: a ResNet-20 forward in a thread beside a busy Python thread ran
-# at ~20 images/s instead of ~1,600 (ad hoc), and open-loop serving tipped into a queue it did
-# not leave (docs/benchmarks.md, the soak). 0.5 ms lets the model thread back in sooner.
+# that convoy starves the model, and open-loop serving tipped into a queue it did not leave;
+# at 0.5 ms bench/serve_load.py's soak p50 went from 296 to 16.5 ms (docs/benchmarks.md).
 SERVER_SWITCH_INTERVAL_S = 0.0005
 
 
