@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 
 from resnet_dist.constants import IMAGE_SIZE  # noqa: E402
 from resnet_dist.inference import (  # noqa: E402
-    INLINE_DECODE_PIXELS, InputError, decode_pixels, load_predictor, open_image, predict_probs,
+    INLINE_DECODE_PIXELS, InputError, decode_pixels, freeze_predictor, load_predictor, open_image, predict_probs,
     share_gil_with_model_thread, top_k,
 )
 
@@ -76,6 +76,8 @@ def build(args: argparse.Namespace) -> FastAPI:
     torch.set_num_threads(args.threads)
     share_gil_with_model_thread()   # as the Serve replica does
     predictor = load_predictor(args.checkpoint, torch.device("cpu"))
+    if not args.eager_model:   # as the replica does by default
+        predictor = freeze_predictor(predictor)
     pool = ThreadPoolExecutor(args.decode_threads)
     batcher = MicroBatcher(lambda x: predict_probs(predictor, x), args.max_batch_size, args.batch_wait_ms / 1000)
     app = FastAPI()
@@ -110,6 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--eager-model", action="store_true", help="eager PyTorch, not the frozen TorchScript graph")
     args = p.parse_args(argv)
     # One worker process, the asyncio loop (uvloop and httptools when installed, as under Serve).
     uvicorn.run(build(args), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

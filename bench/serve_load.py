@@ -8,7 +8,9 @@ Closed-loop clients (asyncio + aiohttp; each sends its next request when the
 last one is answered) at rising concurrency measure throughput and p50/p95/p99
 latency of POST /v1/predict with (a) dynamic batching on and (b) off
 (max_batch_size=1, set live); (c) is the raw in-process throughput of the
-same model with the same thread count, the ceiling the server can approach.
+same model (the frozen TorchScript graph the servers run, unless --eager-model) with the
+same thread count, the ceiling the server can approach; (c') that of the eager model and
+the frozen graph alone and beside a thread running Python, what each keeps of the GIL.
 (p) is the peer: bench/plain_server.py, one uvicorn + FastAPI process with the same model,
 decoding pool, micro-batching and torch threads, started by this script on the same
 cores and loaded by the same clients; the report gives Ray Serve / peer per level and
@@ -223,7 +225,8 @@ def start_peer(args: argparse.Namespace, cfg) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, os.path.join(here, "plain_server.py"), "--checkpoint", str(cfg.checkpoint),
                              "--port", str(args.peer_port), "--threads", str(cfg.torch_threads),
                              "--decode-threads", str(cfg.decode_threads), "--max-batch-size", str(cfg.max_batch_size),
-                             "--batch-wait-ms", str(cfg.batch_wait_timeout_s * 1000)])
+                             "--batch-wait-ms", str(cfg.batch_wait_timeout_s * 1000)]
+                            + ([] if cfg.torchscript else ["--eager-model"]))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -297,14 +300,23 @@ async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float
             "server_errors_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500)}
 
 
-def raw_throughput(checkpoint: str, images: np.ndarray, batch_size: int, threads: int, seconds: float) -> dict[str, Any]:
-    """Images/s of predict_top_k in this process (no HTTP, no decoding) at one batch size."""
+def raw_predictor(checkpoint: str, threads: int, torchscript: bool):
+    """The servers' predictor in this process: the same checkpoint, torch threads and graph."""
     import torch
 
-    from resnet_dist.inference import load_predictor, predict_top_k
+    from resnet_dist.inference import freeze_predictor, load_predictor
 
     torch.set_num_threads(threads)
     p = load_predictor(checkpoint, torch.device("cpu"))
+    return freeze_predictor(p) if torchscript else p
+
+
+def raw_throughput(p, images: np.ndarray, batch_size: int, seconds: float) -> dict[str, Any]:
+    """Images/s of predict_top_k in this process (no HTTP, no decoding) at one batch size."""
+    import torch
+
+    from resnet_dist.inference import predict_top_k
+
     batch = np.resize(images, (batch_size, *images.shape[1:]))
     predict_top_k(p, batch, 5)   # warm-up
     calls, start = [], time.perf_counter()
@@ -314,9 +326,48 @@ def raw_throughput(checkpoint: str, images: np.ndarray, batch_size: int, threads
         calls.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     ms = np.asarray(calls) * 1000
-    return {"batch_size": batch_size, "threads": threads, "calls": len(calls),
+    return {"batch_size": batch_size, "threads": torch.get_num_threads(), "calls": len(calls), "graph": p.info()["graph"],
             "images_per_s": round(len(calls) * batch_size / elapsed, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def raw_beside_python(checkpoint: str, images: np.ndarray, batch_size: int, threads: int,
+                      seconds: float) -> list[dict[str, Any]]:
+    """Raw images/s of the eager model and the frozen graph, alone and with a thread beside it that
+    runs Python without pause (as a busy event loop does), at a server's GIL switch interval: what
+    a model thread gets of the GIL."""
+    import threading
+
+    from resnet_dist.inference import share_gil_with_model_thread
+
+    previous = sys.getswitchinterval()
+    share_gil_with_model_thread()
+    rows = []
+    try:
+        for torchscript in (False, True):
+            p = raw_predictor(checkpoint, threads, torchscript)
+            for beside in (False, True):
+                stop = threading.Event()
+                spinner = threading.Thread(target=_spin, args=(stop,), daemon=True)
+                if beside:
+                    spinner.start()
+                try:
+                    r = raw_throughput(p, images, batch_size, seconds)
+                finally:
+                    stop.set()
+                    if beside:
+                        spinner.join()
+                rows.append({**r, "beside_python": beside})
+    finally:
+        sys.setswitchinterval(previous)
+    return rows
+
+
+def _spin(stop) -> None:
+    """Python bytecode without pause until `stop` is set (a stand-in for a busy event loop)."""
+    n = 0
+    while not stop.is_set():
+        n += 1
 
 
 def replica_ids(app: str) -> set[str]:
@@ -344,12 +395,23 @@ def level_table(title: str, rows: list[dict[str, Any]]) -> Table:
 
 
 def raw_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="(c) raw in-process inference (no HTTP, no decoding)")
-    for col in ("batch", "threads", "images/s", "p50 ms/call", "p99 ms/call"):
+    t = Table(title="(c) raw in-process inference (no HTTP, no decoding), the servers' model")
+    for col in ("batch", "threads", "model", "images/s", "p50 ms/call", "p99 ms/call"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r["batch_size"]), str(r["threads"]), f"{r['images_per_s']:.0f}", f"{r['p50_ms']:.2f}",
+        t.add_row(str(r["batch_size"]), str(r["threads"]), r["graph"], f"{r['images_per_s']:.0f}", f"{r['p50_ms']:.2f}",
                   f"{r['p99_ms']:.2f}")
+    return t
+
+
+def gil_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="(c') raw, alone and beside a thread running Python (GIL switch interval of the servers)")
+    for col in ("model", "batch", "alone images/s", "beside Python images/s", "kept"):
+        t.add_column(col, justify="right")
+    for graph in dict.fromkeys(r["graph"] for r in rows):
+        alone, beside = (next(r for r in rows if r["graph"] == graph and r["beside_python"] == b) for b in (False, True))
+        t.add_row(graph, str(alone["batch_size"]), f"{alone['images_per_s']:.0f}", f"{beside['images_per_s']:.0f}",
+                  f"{beside['images_per_s'] / max(alone['images_per_s'], 1e-9):.2f}")
     return t
 
 
@@ -478,7 +540,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     cfg = ServeConfig(checkpoint=args.checkpoint, name="serve-bench", replicas=args.replicas, num_cpus=args.num_cpus,
                       threads=args.threads, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_ms / 1000, host="127.0.0.1", port=args.port,
-                      access_log=False)
+                      access_log=False, torchscript=not args.eager_model)
     url = deploy(cfg)
     console.print(f"serving {args.checkpoint} at {url}; payload: {source}; {cfg.torch_threads} torch thread(s)/replica")
     result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg), "ingress": args.ingress or "default",
@@ -518,9 +580,12 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             deploy(cfg)
             await closed_loop(client, payloads, 4, 5.0, args.max_requests)
             sizes = sorted({1, cfg.max_batch_size, *args.batch_images})
-            result["raw"] = [raw_throughput(str(cfg.checkpoint), images, b, cfg.torch_threads, args.raw_seconds)
-                             for b in sizes]
+            served = raw_predictor(str(cfg.checkpoint), cfg.torch_threads, cfg.torchscript)
+            result["raw"] = [raw_throughput(served, images, b, args.raw_seconds) for b in sizes]
             console.print(raw_table(result["raw"]))
+            result["raw_beside_python"] = raw_beside_python(str(cfg.checkpoint), images, cfg.max_batch_size,
+                                                            cfg.torch_threads, args.raw_seconds)
+            console.print(gil_table(result["raw_beside_python"]))
             raw_by_batch = {r["batch_size"]: r["images_per_s"] for r in result["raw"]}
 
             result["batch_endpoint"] = []

@@ -25,7 +25,7 @@ import sys
 import time
 
 import numpy as np
-from serve_load import encode_png, payload_images, raw_throughput
+from serve_load import encode_png, payload_images, raw_predictor, raw_throughput
 
 CLIENT_SERVER = """
 from aiohttp import web
@@ -135,8 +135,8 @@ def main(argv=None) -> None:
         result["sequential_p50_ms"] = sequential_latency(args.port, encode_png(images[0]), 200)
     finally:
         serve.delete(cfg.name)
-    result["raw_images_per_s"] = {b: raw_throughput(checkpoint, images, b, 1, 3.0)["images_per_s"]
-                                  for b in args.batch_sizes}
+    served = raw_predictor(checkpoint, 1, cfg.torchscript)   # the replica's model
+    result["raw_images_per_s"] = {b: raw_throughput(served, images, b, 3.0)["images_per_s"] for b in args.batch_sizes}
     print(json.dumps(result))
 
 

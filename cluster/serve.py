@@ -41,7 +41,7 @@ from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
-    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, load_predictor,
+    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, freeze_predictor, load_predictor,
     open_image, predict_probs, resolve_checkpoint, share_gil_with_model_thread, top_k as top_classes,
 )
 
@@ -93,6 +93,9 @@ class ServeConfig:
     # host and port (a config file sets it in http_options).
     request_timeout_s: float = 60.0
     decode_threads: int = 2              # images parsed and decoded at once per replica, off the event loop
+    # The model as a frozen TorchScript graph (resnet_dist.inference.freeze_predictor: faster, and
+    # not starved of the GIL by the event loop); False, or a model it cannot trace = eager PyTorch.
+    torchscript: bool = True
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_images: int = 64           # images per /v1/predict/batch request
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # declared width*height limit (decompression bombs)
@@ -262,6 +265,8 @@ class Classifier:
         self.cfg = cfg
         self.api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
         self.predictor = load_predictor(cfg.checkpoint)
+        if cfg.torchscript:
+            self.predictor = freeze_predictor(self.predictor)
         # The hash of the bytes just loaded, not of the path: refuse to serve another model.
         check_pin(cfg, self.predictor.checkpoint_id)
         if not cfg.checkpoint_id:

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
             checkpoint=args.checkpoint, replicas=args.replicas, max_replicas=args.max_replicas,
             max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads, host=args.host, port=args.port,
-            api_key_file=args.api_key_file,
+            api_key_file=args.api_key_file, torchscript=not args.eager_model,
         ).validated()
         if cfg.api_key_file:
             read_api_key(cfg.api_key_file)   # unreadable or empty: say so here, not in a replica log

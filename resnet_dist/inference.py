@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import logging
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +38,8 @@ from resnet_dist.checkpoint import resolve_checkpoint as _resolve
 from resnet_dist.config import RunConfig
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.engine import Precision, predict_logits, select_device, select_precision
+
+log = logging.getLogger(__name__)
 
 FLIP_TTA = False                         # serving does one forward pass per image
 IMAGE_FORMATS = ("PNG", "JPEG")          # what PIL may open; everything else is refused
@@ -109,6 +113,7 @@ class Predictor:
     device: torch.device
     precision: Precision
     checkpoint_id: str        # first 12 hex digits of the checkpoint file's sha256
+    frozen: bool = False      # `model` is a frozen TorchScript graph with the autocast casts in it (freeze_predictor)
 
     @property
     def classes(self) -> list[str]:
@@ -134,6 +139,7 @@ class Predictor:
             "code_version": self.ckpt.get("code_version"),
             "epoch": self.ckpt.get("epoch"),
             "flip_tta": FLIP_TTA,
+            "graph": "torchscript" if self.frozen else "eager",
         }
 
 
@@ -176,7 +182,60 @@ def predict_probs(p: Predictor, images: np.ndarray, flip_tta: bool = FLIP_TTA) -
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(p.device), p.ckpt["mean"], p.ckpt["std"])
     if p.precision.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return torch.softmax(predict_logits(p.model, x, p.precision, flip_tta), dim=1).cpu()
+    return torch.softmax(predict_logits(p.model, x, _call_precision(p), flip_tta), dim=1).cpu()
+
+
+def _call_precision(p: Predictor) -> Precision:
+    """A frozen graph already holds autocast's casts: called under autocast again, TorchScript
+    would run its own autocast pass over it on every call (slower, and casts twice)."""
+    return Precision(None, p.precision.channels_last) if p.frozen else p.precision
+
+
+# Servers run the model as a frozen TorchScript graph. The forward pass then runs in C++ and takes
+# the GIL once per call; eager PyTorch takes it back after each of its ~100 ops, and a model
+# thread beside an event loop that is running Python waits for it each time (a GIL convoy).
+# Alone it is faster too (conv + BN folded, no Python dispatch per op). bench/serve_load.py's (c)
+# measures both models, alone and beside a thread running Python. torch.jit is deprecated in
+# favour of torch.compile and torch.export, which need a C++ toolchain and seconds to minutes of
+# compiling on each replica; tracing takes a fraction of a second. Any failure, or outputs that
+# differ from the eager model's, keeps the eager model.
+FREEZE_EXAMPLE_BATCH = 16      # images in the example batch traced and checked
+FREEZE_MAX_PROB_DIFF = 0.02    # largest |softmax difference| frozen vs eager on that batch (bf16 rounding: ~1e-3)
+
+
+def freeze_predictor(p: Predictor) -> Predictor:
+    """`p` with its model traced and frozen (torch.jit.trace + freeze, eval mode, under the
+    predictor's autocast so the casts are recorded in the graph), checked against the eager model
+    on a random batch; `p` itself, with a warning, when tracing fails or the outputs differ."""
+    if p.frozen:
+        return p
+    model = p.model.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FREEZE_EXAMPLE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(p.device)
+    if p.precision.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        # Off while tracing, so the trace records autocast's casts rather than leaving them to a
+        # pass at call time; the setter returns the previous value, restored after.
+        previous = torch._C._jit_set_autocast_mode(False)
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), p.precision.autocast(p.device):
+                warnings.simplefilter("ignore", FutureWarning)   # torch.jit's deprecation notice
+                graph = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
+        finally:
+            torch._C._jit_set_autocast_mode(previous)
+        frozen = replace(p, model=graph, frozen=True)
+        with torch.no_grad():
+            eager_probs = torch.softmax(predict_logits(model, x, p.precision, False), dim=1)
+            frozen_probs = torch.softmax(predict_logits(graph, x, _call_precision(frozen), False), dim=1)
+        diff = (eager_probs - frozen_probs).abs().max().item()
+    except Exception as e:   # an op or device TorchScript cannot trace: serve eagerly
+        log.warning("serving the eager model: tracing it failed (%s: %s)", type(e).__name__, e)
+        return p
+    if not diff <= FREEZE_MAX_PROB_DIFF:
+        log.warning("serving the eager model: the frozen graph's probabilities differ from it by %.4f", diff)
+        return p
+    return frozen
 
 
 def top_k(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[list[dict[str, Any]]]:

@@ -54,6 +54,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = num-cpus)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--eager-model", action="store_true",
+                   help="run the model as eager PyTorch, not as a frozen TorchScript graph (the default)")
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),

@@ -216,6 +216,8 @@ def test_model_health_and_docs(served, run_dir) -> None:
     assert model["checkpoint_id"] == checkpoint_id(resolve_checkpoint(run_dir))
     assert model["data_fingerprint"].startswith("sha256:") and model["code_version"]
     assert model["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    assert model["graph"] == "torchscript"   # the replica froze it (ServeConfig.torchscript); the
+    # prediction tests compare its answers with the eager fp32 model's (`offline`)
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert client.get("/docs").status_code == 200
