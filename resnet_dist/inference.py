@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -192,7 +192,7 @@ def _call_precision(p: Predictor) -> Precision:
 
 
 # Servers run the model as a frozen TorchScript graph. The forward pass then runs in C++ and takes
-# the GIL once per call; eager PyTorch takes it back after each of its ~100 ops, and a model
+# the GIL once per call; eager PyTorch takes it back after each of its ops, and a model
 # thread beside an event loop that is running Python waits for it each time (a GIL convoy).
 # Alone it is faster too (conv + BN folded, no Python dispatch per op). bench/serve_load.py's (c)
 # measures both models, alone and beside a thread running Python. torch.jit is deprecated in
@@ -200,7 +200,9 @@ def _call_precision(p: Predictor) -> Precision:
 # compiling on each replica; tracing takes a fraction of a second. Any failure, or outputs that
 # differ from the eager model's, keeps the eager model.
 FREEZE_EXAMPLE_BATCH = 16      # images in the example batch traced and checked
-FREEZE_MAX_PROB_DIFF = 0.02    # largest |softmax difference| frozen vs eager on that batch (bf16 rounding: ~1e-3)
+# Largest |softmax difference| frozen vs eager on that batch: well above bf16's rounding (about 3
+# significant digits, and folding BN reorders the sums), well below a different model's.
+FREEZE_MAX_PROB_DIFF = 0.02
 
 
 def freeze_predictor(p: Predictor) -> Predictor:
