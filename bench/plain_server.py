@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse  # noqa: E402
 
 from resnet_dist.constants import IMAGE_SIZE  # noqa: E402
 from resnet_dist.inference import (  # noqa: E402
-    INLINE_DECODE_PIXELS, InputError, decode_pixels, freeze_predictor, load_predictor, open_image, predict_probs,
-    share_gil_with_model_thread, top_k,
+    INLINE_DECODE_PIXELS, InputError, decode_pixels, freeze_predictor, freeze_startup_heap, load_predictor, open_image,
+    predict_probs, share_gil_with_model_thread, top_k,
 )
 
 
@@ -100,6 +100,7 @@ def build(args: argparse.Namespace) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
+    freeze_startup_heap()   # as the replica does
     return app
 
 

@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -241,6 +242,34 @@ def start_peer(args: argparse.Namespace, cfg) -> subprocess.Popen:
     raise RuntimeError("the plain server did not answer /healthz within 120 s")
 
 
+class GcPauses:
+    """This process's garbage collections while entered: (s since entering, generation, ms) each.
+    A collection stops the client's event loop too, which then sends and reads nothing."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, int, float]] = []
+        self.start = self._began = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._began = now
+        else:
+            self.events.append((self._began - self.start, info["generation"], (now - self._began) * 1000))
+
+    def __enter__(self) -> "GcPauses":
+        self.start = time.perf_counter()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        return {"collections": len(self.events), "full": sum(1 for _, g, _ in self.events if g == 2),
+                "max_ms": round(max((ms for *_, ms in self.events), default=0.0), 1)}
+
+
 async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float, seconds: float,
                bad: list[tuple[str, str, dict, int]], n_bad: int) -> dict[str, Any]:
     """Open loop: valid requests at `rate`/s and `n_bad` malformed ones, both spread evenly over `seconds`."""
@@ -272,15 +301,21 @@ async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float
     # Per window: the most requests in flight (sampled at each send) and the CPUs' busy/steal time.
     peaks: Counter = Counter()
     cpu = [(0.0, proc_cpu.machine())]
-    start, tasks = time.perf_counter(), []
-    for i, (at, kind) in enumerate(schedule):
-        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        w = int((time.perf_counter() - start) // SOAK_WINDOW_S)
-        peaks[w] = max(peaks[w], in_flight[0])
-        if w >= len(cpu):
-            cpu.append((time.perf_counter() - start, proc_cpu.machine()))
-        tasks.append(asyncio.create_task(send(i, kind)))
-    await asyncio.gather(*tasks)
+    # Only the requests in flight are kept: 20,000 finished tasks held to the end would be heap
+    # that every full collection of this client walks.
+    pending: set[asyncio.Task] = set()
+    with GcPauses() as gcs:
+        start = gcs.start
+        for i, (at, kind) in enumerate(schedule):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            w = int((time.perf_counter() - start) // SOAK_WINDOW_S)
+            peaks[w] = max(peaks[w], in_flight[0])
+            if w >= len(cpu):
+                cpu.append((time.perf_counter() - start, proc_cpu.machine()))
+            task = asyncio.create_task(send(i, kind))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
     elapsed = time.perf_counter() - start
     cpu.append((elapsed, proc_cpu.machine()))
     windows = []
@@ -290,13 +325,15 @@ async def soak(client: aiohttp.ClientSession, payloads: list[bytes], rate: float
         windows.append({"from_s": round(t0, 1), "valid": len(ms), "max_in_flight": peaks.get(w, 0),
                         "p50_ms": round(float(np.percentile(ms, 50)), 1) if ms else None,
                         "p99_ms": round(float(np.percentile(ms, 99)), 1) if ms else None,
+                        "client_gc_max_ms": round(max((ms for at, _, ms in gcs.events if t0 <= at < t1),
+                                                      default=0.0), 1),
                         "cpus_busy": round((b["busy"] - a["busy"]) / span, 2),
                         "cpus_stolen": round((b["steal"] - a["steal"]) / span, 2)})
     valid = Counter({200: statuses.get(200, 0), "other": len(latencies) - statuses.get(200, 0)})
     return {"target_rps": round(rate, 1), "seconds": round(elapsed, 1), "malformed": n_bad,
             **summarize(latencies, valid, elapsed),
             "status_counts": {str(k): v for k, v in sorted(statuses.items(), key=str)},
-            "unexpected": dict(unexpected), "windows": windows,
+            "unexpected": dict(unexpected), "windows": windows, "client_gc": gcs.summary(),
             "server_errors_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500)}
 
 
@@ -479,11 +516,13 @@ def breakdown_table(rows: dict[str, dict[str, Any]]) -> Table:
 
 def soak_windows_table(s: dict[str, Any]) -> Table:
     t = Table(title=f"the soak over time, {SOAK_WINDOW_S:g} s windows (valid requests by when they were sent)")
-    for col in ("from s", "valid", "p50 ms", "p99 ms", "max in flight", "CPUs busy", "CPUs stolen"):
+    for col in ("from s", "valid", "p50 ms", "p99 ms", "max in flight", "client's longest GC ms", "CPUs busy",
+                "CPUs stolen"):
         t.add_column(col, justify="right")
     for w in s["windows"]:
         t.add_row(f"{w['from_s']:.0f}", str(w["valid"]), f"{w['p50_ms'] or 0:.1f}", f"{w['p99_ms'] or 0:.1f}",
-                  str(w["max_in_flight"]), f"{w['cpus_busy']:.2f}", f"{w['cpus_stolen']:.2f}")
+                  str(w["max_in_flight"]), f"{w['client_gc_max_ms']:.1f}", f"{w['cpus_busy']:.2f}",
+                  f"{w['cpus_stolen']:.2f}")
     return t
 
 
@@ -531,6 +570,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from cluster.runtime import connect
     from cluster.serve import ServeConfig
     from cluster.serve_deploy import deploy
+    from resnet_dist.inference import freeze_startup_heap
 
     images, source = payload_images(args.data)
     payloads = [encode_png(im) for im in images]
@@ -549,6 +589,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     try:
         async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
             await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up: connections, first batches
+            # The client pauses for full collections too: keep its startup heap (torch, Ray) out of them.
+            freeze_startup_heap()
             # (a), then the soak, before any live reconfigure: under HAProxy a reconfigure is followed
             # by a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
             result["batching_on"] = [await measured(closed_loop(client, payloads, n, args.level_seconds,

@@ -41,8 +41,9 @@ from resnet_dist import storage
 from resnet_dist.config import ConfigError
 from resnet_dist.constants import IMAGE_SIZE
 from resnet_dist.inference import (
-    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, freeze_predictor, load_predictor,
-    open_image, predict_probs, resolve_checkpoint, share_gil_with_model_thread, top_k as top_classes,
+    DEFAULT_MAX_IMAGE_PIXELS, INLINE_DECODE_PIXELS, InputError, decode_image, decode_pixels, freeze_predictor,
+    freeze_startup_heap, load_predictor, open_image, predict_probs, resolve_checkpoint, share_gil_with_model_thread,
+    top_k as top_classes,
 )
 
 log = logging.getLogger("ray.serve")
@@ -288,6 +289,9 @@ class Classifier:
         self.gauges = GaugeKeeper()
         self.gauges.set(self.model_info, 1, {"version": self.predictor.version,
                                              "flavor": self.predictor.ckpt["model_config"]["flavor"]})
+        # Last: the startup heap (torch, Ray, FastAPI, the model) out of full collections, which
+        # would otherwise stop the event loop and the model thread to walk it (freeze_startup_heap).
+        freeze_startup_heap()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         live = self.cfg.merged_user_config(user_config)
