@@ -114,7 +114,9 @@ class Predictor:
     device: torch.device
     precision: Precision
     checkpoint_id: str        # first 12 hex digits of the checkpoint file's sha256
-    frozen: bool = False      # `model` is a frozen TorchScript graph with the autocast casts in it (freeze_predictor)
+    # `model` is a frozen TorchScript graph from uint8 NHWC to fp32 logits, with the normalisation
+    # and autocast's casts in it (freeze_predictor); otherwise the eager model, normalised NCHW in.
+    frozen: bool = False
 
     @property
     def classes(self) -> list[str]:
@@ -193,21 +195,37 @@ def load_predictor(path: str | os.PathLike, device: torch.device | None = None) 
 
 def predict_probs(p: Predictor, images: np.ndarray, flip_tta: bool = FLIP_TTA) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> softmax probabilities (N, classes), float32 on the CPU."""
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(p.device), p.ckpt["mean"], p.ckpt["std"])
-    if p.precision.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return torch.softmax(predict_logits(p.model, x, _call_precision(p), flip_tta), dim=1).cpu()
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(p.device)
+    if p.frozen:   # normalisation, casts and the model in one call: the GIL is let go once
+        logits = p.model(x)
+        if flip_tta:
+            logits = 0.5 * (logits + p.model(x.flip(2)))   # NHWC: dim 2 is the width
+    else:
+        x = normalize(x, p.ckpt["mean"], p.ckpt["std"])
+        if p.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = predict_logits(p.model, x, p.precision, flip_tta)
+    return torch.softmax(logits, dim=1).cpu()
 
 
-def _call_precision(p: Predictor) -> Precision:
-    """A frozen graph already holds autocast's casts: called under autocast again, TorchScript
-    would run its own autocast pass over it on every call (slower, and casts twice)."""
-    return Precision(None, p.precision.channels_last) if p.frozen else p.precision
+class _FromPixels(nn.Module):
+    """uint8 NHWC -> fp32 logits: what predict_probs does before softmax, as one module to trace."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> None:
+        super().__init__()
+        self.model, self.mean, self.std, self.channels_last = model, tuple(mean), tuple(std), channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float()
 
 
-# Servers run the model as a frozen TorchScript graph. The forward pass then runs in C++ and takes
-# the GIL once per call; eager PyTorch takes it back after each of its ops, and a model
-# thread beside an event loop that is running Python waits for it each time (a GIL convoy).
+# Servers run the model as a frozen TorchScript graph, with the input's normalisation in it. A
+# batch then runs in C++ and takes the GIL back once per call; eager PyTorch takes it back after
+# each of its ops (the normalisation's too), and a model thread beside an event loop that is
+# running Python waits for it each time (a GIL convoy).
 # Alone it is faster too (conv + BN folded, no Python dispatch per op). bench/serve_load.py's (c)
 # measures both models, alone and beside a thread running Python. torch.jit is deprecated in
 # favour of torch.compile and torch.export, which need a C++ toolchain and seconds to minutes of
@@ -225,11 +243,10 @@ def freeze_predictor(p: Predictor) -> Predictor:
     on a random batch; `p` itself, with a warning, when tracing fails or the outputs differ."""
     if p.frozen:
         return p
-    model = p.model.eval()
+    module = _FromPixels(p.model.eval(), p.ckpt["mean"], p.ckpt["std"], p.precision.channels_last).eval()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(FREEZE_EXAMPLE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(p.device)
-    if p.precision.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (FREEZE_EXAMPLE_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), generator=gen,
+                      dtype=torch.uint8).to(p.device)
     try:
         # Off while tracing, so the trace records autocast's casts rather than leaving them to a
         # pass at call time; the setter returns the previous value, restored after.
@@ -237,14 +254,15 @@ def freeze_predictor(p: Predictor) -> Predictor:
         try:
             with warnings.catch_warnings(), torch.no_grad(), p.precision.autocast(p.device):
                 warnings.simplefilter("ignore", FutureWarning)   # torch.jit's deprecation notice
-                graph = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
+                # normalize's mean/std tensors become constants of the graph: the checkpoint's, as meant.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                graph = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False))
         finally:
             torch._C._jit_set_autocast_mode(previous)
         frozen = replace(p, model=graph, frozen=True)
         with torch.no_grad():
-            eager_probs = torch.softmax(predict_logits(model, x, p.precision, False), dim=1)
-            frozen_probs = torch.softmax(predict_logits(graph, x, _call_precision(frozen), False), dim=1)
-        diff = (eager_probs - frozen_probs).abs().max().item()
+            images = x.cpu().numpy()
+            diff = (predict_probs(p, images, False) - predict_probs(frozen, images, False)).abs().max().item()
     except Exception as e:   # an op or device TorchScript cannot trace: serve eagerly
         log.warning("serving the eager model: tracing it failed (%s: %s)", type(e).__name__, e)
         return p
