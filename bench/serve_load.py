@@ -13,8 +13,9 @@ same thread count, the ceiling the server can approach; (c') that of the eager m
 the frozen graph alone and beside a thread running Python, what each keeps of the GIL.
 (p) is the peer: bench/plain_server.py, one uvicorn + FastAPI process with the same model,
 decoding pool, micro-batching and torch threads, started by this script on the same
-cores and loaded by the same clients; the report gives Ray Serve / peer per level and
-peak against peak. (d) loads POST /v1/predict/batch with --batch-images images per
+cores and loaded by the same clients. Each level runs against Serve and then against the
+peer, back to back, the other server idle, so that a drift in the machine's speed hits
+both alike; the report gives Ray Serve / peer per level and peak against peak. (d) loads POST /v1/predict/batch with --batch-images images per
 request and compares images/s with raw in-process inference at that batch size.
 The "where the time goes" table is measured, not inferred: each level's CPU time by process
 (/proc, bench/proc_cpu.py) -- the server process (Serve's replica, or the peer), the
@@ -474,11 +475,10 @@ def batch_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-SERVER = ("replica", "server")                      # the process holding the model: Serve's replica, the peer
 INGRESS = ("haproxy", "Serve proxy actor")           # what forwards a request to it, besides the kernel
 
 
-def breakdown(level: dict[str, Any], decode_ms: float, raw: list[dict[str, Any]]) -> dict:
+def breakdown(level: dict[str, Any], decode_ms: float, raw: list[dict[str, Any]], server_group: str) -> dict:
     """CPU ms per request at one level (measured by process), the server's split into the
     model (raw cost per image at the mean batch formed), decoding and the rest. A model call's
     time is close to linear in its batch size (a fixed cost plus one per image), so the call
@@ -487,7 +487,7 @@ def breakdown(level: dict[str, Any], decode_ms: float, raw: list[dict[str, Any]]
     sizes = sorted(call_ms)
     model_ms = float(np.interp(level["mean_batch"], sizes, [call_ms[b] for b in sizes])) / level["mean_batch"]
     cpu = level["cpu_ms_per_request"]
-    server = sum(cpu.get(g, 0.0) for g in SERVER)
+    server = cpu.get(server_group, 0.0)   # the other server, idle meanwhile, counts among the others
     ingress = sum(cpu.get(g, 0.0) for g in INGRESS)
     client = cpu.get("client", 0.0)
     others = sum(cpu.values()) - server - ingress - client
@@ -586,16 +586,33 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg), "ingress": args.ingress or "default",
                               "serve_env": {k: os.environ.get(k) for k in INGRESS_ENV["haproxy"]}}
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
+    peer = None if args.no_peer else start_peer(args, cfg)
     try:
-        async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
+        async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client, \
+                aiohttp.ClientSession(f"http://127.0.0.1:{args.peer_port}", timeout=aiohttp.ClientTimeout(total=60),
+                                      connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)) as peer_client:
             await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up: connections, first batches
+            if peer:
+                await closed_loop(peer_client, payloads, 4, 1.0, 50)
             # The client pauses for full collections too: keep its startup heap (torch, Ray) out of them.
             freeze_startup_heap()
-            # (a), then the soak, before any live reconfigure: under HAProxy a reconfigure is followed
-            # by a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
-            result["batching_on"] = [await measured(closed_loop(client, payloads, n, args.level_seconds,
-                                                                args.max_requests), {os.getpid(): "client"})
-                                     for n in args.levels]
+            # (a) and (p), each level against Serve and then the peer, back to back, the other server
+            # idle: this VM's speed drifts by a quarter within hours (client CPU per request shows it),
+            # and a ratio of two runs minutes apart measured the drift as much as the servers.
+            # Both before the soak and any live reconfigure: under HAProxy a reconfigure is followed by
+            # a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
+            result["batching_on"], result["peer"] = [], []
+            for n in args.levels:
+                result["batching_on"].append(await measured(
+                    closed_loop(client, payloads, n, args.level_seconds, args.max_requests),
+                    {os.getpid(): "client", **({peer.pid: "idle peer"} if peer else {})}))
+                if peer:
+                    result["peer"].append(await measured(
+                        closed_loop(peer_client, payloads, n, args.level_seconds, args.max_requests),
+                        {os.getpid(): "client", peer.pid: "server"}))
+            if peer:
+                peer.terminate()   # the rest measures Serve alone
+                peer.wait(timeout=30)
             console.print(level_table(f"(a) batching on: max_batch_size={cfg.max_batch_size}", result["batching_on"]))
             peak = max(r["throughput_rps"] for r in result["batching_on"])
             before = replica_ids(cfg.name)
@@ -644,34 +661,23 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
             decode_ms = decode_cost_ms(payloads)
             best = max(result["batching_on"], key=lambda r: r["throughput_rps"])
-            result["breakdown"] = {"Ray Serve": breakdown(best, decode_ms, result["raw"])}
+            result["breakdown"] = {"Ray Serve": breakdown(best, decode_ms, result["raw"], "replica")}
 
     finally:
-        serve.delete(cfg.name)   # the peer then runs with the cores to itself, as Serve did
+        serve.delete(cfg.name)
+        if peer and peer.poll() is None:
+            peer.kill()
     if not args.no_peer:
-        result["peer"] = await measure_peer(args, cfg, payloads)
         console.print(level_table("(p) plain uvicorn + FastAPI server, same model and batching", result["peer"]))
         console.print(ratio_table(result["batching_on"], result["peer"]))
         best = max(result["peer"], key=lambda r: r["throughput_rps"])
-        result["breakdown"]["plain server"] = breakdown(best, decode_ms, result["raw"])
+        result["breakdown"]["plain server"] = breakdown(best, decode_ms, result["raw"], "server")
+    else:
+        del result["peer"]
         peak_serve = max(r["throughput_rps"] for r in result["batching_on"])
         result["serve_over_peer_peak"] = round(peak_serve / max(best["throughput_rps"], 1e-9), 3)
     console.print(breakdown_table(result["breakdown"]))
     return result
-
-
-async def measure_peer(args: argparse.Namespace, cfg, payloads: list[bytes]) -> list[dict[str, Any]]:
-    """The closed-loop levels of (a) against the plain server, with the same clients."""
-    proc = start_peer(args, cfg)
-    try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{args.peer_port}", timeout=aiohttp.ClientTimeout(total=60),
-                                         connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)) as client:
-            await closed_loop(client, payloads, 4, 1.0, 50)   # warm-up
-            return [await measured(closed_loop(client, payloads, n, args.level_seconds, args.max_requests),
-                                   {os.getpid(): "client", proc.pid: "server"}) for n in args.levels]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def main(argv=None) -> None:

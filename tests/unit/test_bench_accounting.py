@@ -62,10 +62,14 @@ def test_breakdown_splits_the_servers_cpu_with_a_linear_model_call_cost():
     level = {"throughput_rps": 500.0, "mean_batch": 8.0, "idle_ms_per_request": 1.2,
              "cpu_ms_per_request": {"replica": 1.8, "haproxy": 0.1, "Serve proxy actor": 0.05, "client": 0.3,
                                     "raylet": 0.02, "other Ray": 0.2}}
-    b = serve_load.breakdown(level, decode_ms=0.07, raw=raw)
+    b = serve_load.breakdown(level, decode_ms=0.07, raw=raw, server_group="replica")
     call_ms_at_8 = 2.5 + (8 - 1) * (8.0 - 2.5) / 15
     assert b["model_ms"] == pytest.approx(call_ms_at_8 / 8, abs=1e-3)
     assert b["server_ms"] == 1.8 and b["ingress_ms"] == pytest.approx(0.15)
     assert b["client_ms"] == 0.3 and b["other_processes_ms"] == pytest.approx(0.22)
     assert b["server_rest_ms"] == pytest.approx(1.8 - b["model_ms"] - 0.07, abs=1e-3)
     assert b["idle_ms"] == 1.2
+    # The peer's levels: the peer is the server, an idle replica beside it is one of the others.
+    level["cpu_ms_per_request"] = {"server": 1.1, "replica": 0.04, "client": 0.3, "other Ray": 0.2}
+    p = serve_load.breakdown(level, decode_ms=0.07, raw=raw, server_group="server")
+    assert p["server_ms"] == 1.1 and p["other_processes_ms"] == pytest.approx(0.24) and p["ingress_ms"] == 0
