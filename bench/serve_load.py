@@ -672,10 +672,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print(ratio_table(result["batching_on"], result["peer"]))
         best = max(result["peer"], key=lambda r: r["throughput_rps"])
         result["breakdown"]["plain server"] = breakdown(best, decode_ms, result["raw"], "server")
-    else:
-        del result["peer"]
         peak_serve = max(r["throughput_rps"] for r in result["batching_on"])
         result["serve_over_peer_peak"] = round(peak_serve / max(best["throughput_rps"], 1e-9), 3)
+    else:
+        del result["peer"]
     console.print(breakdown_table(result["breakdown"]))
     return result
 
