@@ -15,8 +15,9 @@ the frozen graph alone and beside a thread running Python, what each keeps of th
 decoding pool, micro-batching and torch threads, started by this script on the same
 cores and loaded by the same clients. Each level runs against Serve and then against the
 peer, back to back, the other server idle, so that a drift in the machine's speed hits
-both alike; the report gives Ray Serve / peer per level and peak against peak. (d) loads POST /v1/predict/batch with --batch-images images per
-request and compares images/s with raw in-process inference at that batch size.
+both alike; the report gives Ray Serve / peer per level and peak against peak.
+(d) loads POST /v1/predict/batch with --batch-images images per request and compares
+images/s with raw in-process inference at that batch size.
 The "where the time goes" table is measured, not inferred: each level's CPU time by process
 (/proc, bench/proc_cpu.py) -- the server process (Serve's replica, or the peer), the
 clients (this process), HAProxy and Serve's proxy actor, the rest of Ray -- per request
@@ -586,8 +587,9 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     result: dict[str, Any] = {"url": url, "config": dataclasses.asdict(cfg), "ingress": args.ingress or "default",
                               "serve_env": {k: os.environ.get(k) for k in INGRESS_ENV["haproxy"]}}
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
-    peer = None if args.no_peer else start_peer(args, cfg)
+    peer = None
     try:
+        peer = None if args.no_peer else start_peer(args, cfg)
         async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client, \
                 aiohttp.ClientSession(f"http://127.0.0.1:{args.peer_port}", timeout=aiohttp.ClientTimeout(total=60),
                                       connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)) as peer_client:
@@ -597,8 +599,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             # The client pauses for full collections too: keep its startup heap (torch, Ray) out of them.
             freeze_startup_heap()
             # (a) and (p), each level against Serve and then the peer, back to back, the other server
-            # idle: this VM's speed drifts by a quarter within hours (client CPU per request shows it),
-            # and a ratio of two runs minutes apart measured the drift as much as the servers.
+            # idle: this VM's speed drifts by 15-25% within a minute or two (docs/benchmarks.md), and
+            # a ratio of two runs minutes apart measured the drift as much as the servers.
             # Both before the soak and any live reconfigure: under HAProxy a reconfigure is followed by
             # a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
             result["batching_on"], result["peer"] = [], []

@@ -174,7 +174,7 @@ def freeze_startup_heap() -> int:
     out of the garbage collector's reach, and return how many there were. Call it once a
     server has started. A full collection, which Python runs by itself every so often, then
     walks only what the server made since. Unfrozen, it walks every startup object while every
-    thread waits: 307,000 objects and 129 ms in a process with a replica's imports and model
+    thread waits: 307,000 objects and 129-144 ms in a process with a replica's imports and model
     (bench/gc_pause.py), a stall that lands in the p99 of every request in flight. The cost:
     a reference cycle among those objects that becomes garbage later is never freed."""
     gc.collect()   # free what startup left behind first, so it is not kept forever
