@@ -36,24 +36,32 @@ def full_collections_ms(repeats: int) -> list[float]:
     return times
 
 
+def collections_row(state: str, repeats: int) -> dict:
+    ms = full_collections_ms(repeats)
+    return {"state": state, "tracked_objects": len(gc.get_objects()), "frozen_objects": gc.get_freeze_count(),
+            "median_ms": round(statistics.median(ms), 1), "max_ms": round(max(ms), 1)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or sweep dir")
     p.add_argument("--repeats", type=int, default=5, help="full collections timed in each state (default: %(default)s)")
     args = p.parse_args(argv)
 
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     importlib.import_module("cluster.serve")   # a replica's imports: Ray, Serve, FastAPI, torch
+    from resnet_dist.checkpoint import CheckpointError
     from resnet_dist.inference import freeze_predictor, freeze_startup_heap, load_predictor
+    from termui.cli import die
 
-    predictor = freeze_predictor(load_predictor(args.checkpoint))   # what a replica holds
-    rows = []
-    for state in ("as started", "frozen"):
-        if state == "frozen":
-            frozen = freeze_startup_heap()
-        ms = full_collections_ms(args.repeats)
-        rows.append({"state": state, "tracked_objects": len(gc.get_objects()),
-                     "frozen_objects": gc.get_freeze_count(), "median_ms": round(statistics.median(ms), 1),
-                     "max_ms": round(max(ms), 1)})
+    try:
+        predictor = freeze_predictor(load_predictor(args.checkpoint))   # what a replica holds
+    except CheckpointError as e:
+        die(str(e))
+    rows = [collections_row("as started", args.repeats)]
+    frozen = freeze_startup_heap()
+    rows.append(collections_row("frozen", args.repeats))
     table = Table(title=f"full gc.collect() in a process with a replica's imports and model ({predictor.version})")
     for col in ("state", "objects a collection walks", "objects frozen", "median ms", "max ms"):
         table.add_column(col, justify="left" if col == "state" else "right")

@@ -9,7 +9,7 @@ is dropped (not composited). How a request carries the image (media types,
 multipart, JSON batches, body limits, status codes) is the server's business:
 cluster/http_requests.py.
 
-Prediction uses the checkpoint's mean/std and `predict_logits` WITHOUT flip
+Prediction normalises with the checkpoint's mean/std and runs WITHOUT flip
 test-time augmentation (`FLIP_TTA = False`): one forward pass per image.
 Offline evaluation that should match the server must use `flip_tta=False` too.
 """
@@ -174,7 +174,7 @@ def freeze_startup_heap() -> int:
     out of the garbage collector's reach, and return how many there were. Call it once a
     server has started. A full collection, which Python runs by itself every so often, then
     walks only what the server made since. Unfrozen, it walks every startup object while every
-    thread waits: 307,000 objects and 129-144 ms in a process with a replica's imports and model
+    thread waits: 307,000 objects and 129-157 ms in a process with a replica's imports and model
     (bench/gc_pause.py), a stall that lands in the p99 of every request in flight. The cost:
     a reference cycle among those objects that becomes garbage later is never freed."""
     gc.collect()   # free what startup left behind first, so it is not kept forever
@@ -201,11 +201,15 @@ def predict_probs(p: Predictor, images: np.ndarray, flip_tta: bool = FLIP_TTA) -
         if flip_tta:
             logits = 0.5 * (logits + p.model(x.flip(2)))   # NHWC: dim 2 is the width
     else:
-        x = normalize(x, p.ckpt["mean"], p.ckpt["std"])
-        if p.precision.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = predict_logits(p.model, x, p.precision, flip_tta)
+        logits = predict_logits(p.model, _model_input(x, p.ckpt["mean"], p.ckpt["std"], p.precision.channels_last),
+                                p.precision, flip_tta)
     return torch.softmax(logits, dim=1).cpu()
+
+
+def _model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC -> the model's normalised NCHW input, in channels_last memory when asked."""
+    x = normalize(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class _FromPixels(nn.Module):
@@ -216,10 +220,7 @@ class _FromPixels(nn.Module):
         self.model, self.mean, self.std, self.channels_last = model, tuple(mean), tuple(std), channels_last
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images, self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).float()
+        return self.model(_model_input(images, self.mean, self.std, self.channels_last)).float()
 
 
 # Servers run the model as a frozen TorchScript graph, with the input's normalisation in it. A
