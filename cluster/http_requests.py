@@ -12,6 +12,7 @@ for anything that ever runs with cluster/ on its path.)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.parser
@@ -19,6 +20,7 @@ import email.policy
 import hmac
 import json
 from http import HTTPStatus
+from typing import Any, Awaitable
 
 from starlette.requests import Request
 
@@ -62,6 +64,28 @@ def require_media_type(content_type: str | None, allowed: tuple[str, ...]) -> st
         use = allowed[0] if len(allowed) == 1 else "one of " + ", ".join(allowed)
         raise RequestError(f"unsupported content type {kind or '(none)'!r}; use {use}", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     return kind
+
+
+async def within(seconds: float, work: Awaitable[Any]) -> Any:
+    """`work`'s result, or RequestError 408 once it has run `seconds`.
+
+    The replica's own deadline: Serve's `request_timeout_s` is one value for the whole cluster
+    (the first `serve.start` sets it), and any client can lift it for its request with the header
+    `x-request-timeout-seconds: 0` (ray/serve/_private/http_util.py `parse_request_timeout_header`),
+    so a request could otherwise wait in the batcher as long as its client likes."""
+    if not hasattr(asyncio, "timeout"):   # Python 3.10: wait_for, a task per request
+        try:
+            return await asyncio.wait_for(work, seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(f"request timed out after {seconds:g} s", HTTPStatus.REQUEST_TIMEOUT) from None
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():   # a TimeoutError of the work's own, not the deadline
+            raise
+        raise RequestError(f"request timed out after {seconds:g} s", HTTPStatus.REQUEST_TIMEOUT) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.http_requests import (
     BATCH_TYPE, SINGLE_IMAGE_TYPES, RequestError, authorize, decode_batch_json, multipart_file, read_body,
-    require_media_type,
+    require_media_type, within,
 )
 from cluster.metrics import GaugeKeeper
 from resnet_dist import storage
@@ -90,8 +90,10 @@ class ServeConfig:
     # behind HAProxy, else each proxy); past it a 503 with Retry-After.
     max_queued_requests: int = 256
     retry_after_s: float = 1.0           # Retry-After of those 503s, s
-    # End to end per request, s; past it a 408. Cluster-wide, set by the first serve.start like
-    # host and port (a config file sets it in http_options).
+    # End to end per request, s; past it a 408. Each replica enforces it on /v1/predict*
+    # (http_requests.within): Serve's own is one value for the cluster, set by the first
+    # serve.start (`deploy` passes this one), or unset in a config file that gives none in
+    # http_options, and a client can lift it for its request by a header.
     request_timeout_s: float = 60.0
     decode_threads: int = 2              # images parsed and decoded at once per replica, off the event loop
     # The model as a frozen TorchScript graph (resnet_dist.inference.freeze_predictor: faster, and
@@ -338,6 +340,9 @@ class Classifier:
     @app.post("/v1/predict", openapi_extra=SINGLE_BODY_DOC,
               summary="Classify one PNG/JPEG image (raw body or multipart field `file`)")
     async def predict(self, request: Request, top_k: int | None = TOP_K_QUERY) -> JSONResponse:
+        return await within(self.cfg.request_timeout_s, self._predict(request, top_k))
+
+    async def _predict(self, request: Request, top_k: int | None) -> JSONResponse:
         authorize(request, self.api_key)
         content_type = request.headers.get("content-type", "")
         kind = require_media_type(content_type, SINGLE_IMAGE_TYPES)
@@ -352,6 +357,9 @@ class Classifier:
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY_DOC,
               summary='Classify several images: {"images": [base64 PNG/JPEG, ...]}')
     async def predict_many(self, request: Request, top_k: int | None = TOP_K_QUERY) -> JSONResponse:
+        return await within(self.cfg.request_timeout_s, self._predict_many(request, top_k))
+
+    async def _predict_many(self, request: Request, top_k: int | None) -> JSONResponse:
         authorize(request, self.api_key)
         require_media_type(request.headers.get("content-type"), (BATCH_TYPE,))
         images = await self._offload(self._decode_many, await read_body(request, self.cfg.max_body_bytes))
@@ -412,7 +420,7 @@ def scaling_options(cfg: ServeConfig) -> dict[str, Any]:
 
 
 # Fields that only `deploy` uses; a Serve config file sets them itself (http_options, route_prefix, name).
-DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix", "request_timeout_s")
+DEPLOY_ONLY_FIELDS = ("name", "host", "port", "route_prefix")
 
 
 def app_builder(args: dict):

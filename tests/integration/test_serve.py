@@ -403,3 +403,29 @@ def test_a_replica_refuses_a_checkpoint_that_changed_under_its_pin(guarded, run_
         apply_application({**app, "deployments": [{**app["deployments"][0], "num_replicas": 2}]}, timeout_s=180)
     model = client.get("/v1/model")
     assert model.status_code == 200 and model.json()["checkpoint_id"] == pinned
+
+
+def test_a_client_cannot_lift_the_request_timeout(served, run_dir: Path, test_images) -> None:
+    """Serve lets a request lift its timeout by a header (x-request-timeout-seconds: 0) and applies one
+    cluster-wide value; the replica keeps this application's own: a request held 3 s in the batcher
+    gets its 408 after 1 s, header or not."""
+    from ray import serve
+
+    from cluster.serve import ServeConfig
+    from cluster.serve_deploy import deploy
+
+    cfg = ServeConfig(checkpoint=str(run_dir), name="deadline", route_prefix="/deadline", num_cpus=0.1, threads=1,
+                      max_batch_size=8, batch_wait_timeout_s=3.0, request_timeout_s=1.0,
+                      port=served[0].port, access_log=False)
+    url = deploy(cfg)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for headers in ({}, {"x-request-timeout-seconds": "0"}):
+                start = time.perf_counter()
+                r = client.post("/v1/predict", content=png(test_images[0]),
+                                headers={"Content-Type": "image/png", **headers})
+                assert r.status_code == 408 and "timed out after 1 s" in r.json()["error"], (headers, r.text)
+                assert time.perf_counter() - start < 2.5, headers   # not after the batcher's 3 s
+            assert client.get("/healthz").status_code == 200
+    finally:
+        serve.delete(cfg.name)

@@ -20,7 +20,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from cluster.http_requests import (
-    RequestError, authorize, decode_batch_json, media_type, multipart_file, read_body, require_media_type,
+    RequestError, authorize, decode_batch_json, media_type, multipart_file, read_body, require_media_type, within,
 )
 from resnet_dist.checkpoint import CheckpointError
 from resnet_dist.inference import DEFAULT_MAX_IMAGE_PIXELS, InputError, checkpoint_id, decode_image, resolve_checkpoint, top_k
@@ -260,6 +260,26 @@ def test_api_key_from_a_bearer_token_or_x_api_key_header() -> None:
         with pytest.raises(RequestError, match="API key") as err:
             authorize(body_request([], bad), "s3cret")
         assert err.value.status == 401 and err.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_within_answers_408_at_its_deadline_and_passes_the_rest_through() -> None:
+    async def slow() -> str:
+        await asyncio.sleep(5)
+        return "late"
+
+    async def own_timeout() -> None:
+        raise TimeoutError("the work's own")
+
+    async def quick() -> str:
+        await asyncio.sleep(0)
+        return "answer"
+
+    with pytest.raises(RequestError, match="timed out after 0.05 s") as e:
+        asyncio.run(within(0.05, slow()))
+    assert e.value.status == 408
+    with pytest.raises(TimeoutError, match="the work's own"):   # not mistaken for the deadline
+        asyncio.run(within(5, own_timeout()))
+    assert asyncio.run(within(5, quick())) == "answer"
 
 
 def test_api_key_file_is_read_once_and_must_hold_a_key(tmp_path: Path) -> None:
