@@ -10,6 +10,7 @@ copy: resnet_dist.storage):
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -45,6 +46,29 @@ def trial_checkpoint(r: tune.Result, best_row: Any) -> str | None:
     return max(kept, key=lambda cm: cm[1]["val_acc"])[0].path if kept else None
 
 
+def trial_reports(r: tune.Result):
+    """The trial's reports, one row each: Tune's `metrics_dataframe` (its result.json), plus any
+    report that only the trial's progress.csv holds. When a paused trial resumes, Tune first
+    copies each of its log files back from the storage (ray/tune/logger/logger.py
+    `_restore_from_remote`); a copy taken while the driver's upload of that file is still in flight
+    is one report short, and the next report is appended after the gap (seen in CI on 2026-12-08:
+    result.json without a trial's epoch-1 report, which its progress.csv kept)."""
+    import pandas as pd
+
+    df = r.metrics_dataframe
+    try:
+        with r.filesystem.open_input_stream(f"{r.path}/progress.csv") as f:
+            logged = pd.read_csv(io.BytesIO(f.readall()))
+    except (OSError, ValueError):   # no progress.csv, or an empty or cut-short one: result.json alone
+        return df
+    key = "training_iteration"
+    if df is None or df.empty or key not in df or key not in logged:
+        return df
+    missing = logged[~logged[key].isin(df[key])]
+    return pd.concat([df, missing[[c for c in missing.columns if c in df.columns]]], ignore_index=True) \
+        if len(missing) else df
+
+
 def collect_trials(results: tune.ResultGrid, max_epochs: int,
                    resources: Resources) -> list[dict[str, Any]]:
     """One row per trial: sampled config, epochs run (fractional: rungs fall inside epochs),
@@ -57,7 +81,7 @@ def collect_trials(results: tune.ResultGrid, max_epochs: int,
         gpus = resources.workers if resources.use_gpu else 0
     rows = []
     for r in results:
-        df = r.metrics_dataframe
+        df = trial_reports(r)
         if df is None or df.empty or "val_acc" not in df:
             continue
         df = df.sort_values("step").drop_duplicates("step", keep="last")

@@ -276,3 +276,33 @@ def test_halving_rungs_and_decisions_survive_a_restart_of_the_sweep_driver(tmp_p
     # A scheduler without the saved state would have judged d alone, and kept it.
     fresh = _Controller(_halving(tmp_path / "other.json", num_samples=1), "d")
     assert fresh.report("d", 10, 0.10) == S.CONTINUE
+
+
+def test_a_report_missing_from_result_json_is_taken_from_progress_csv(tmp_path: Path) -> None:
+    """As a resumed trial's logs were found in CI: result.json lost the epoch-1 report, progress.csv kept it."""
+    import csv
+    import json
+
+    import pandas as pd
+    from ray.tune import Result
+
+    from cluster.sweep import trial_reports
+    from resnet_dist.report import trial_cost
+
+    reports = [{"training_iteration": i, "step": 2 * i, "epoch": e, "images": n, "images_seen": seen, "val_acc": a,
+                "epoch_s": 0.1, "time_this_iter_s": 0.2, "time_total_s": 0.2 * i}
+               for i, e, n, seen, a in [(1, 1 / 3, 64, 64, 0.1), (2, 2 / 3, 64, 128, 0.27), (3, 1.0, 64, 192, 0.2),
+                                        (4, 2.0, 192, 384, 0.49)]]
+    kept = [r for r in reports if r["training_iteration"] != 3]
+    (tmp_path / "result.json").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with open(tmp_path / "progress.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(reports[0]))
+        w.writeheader()
+        w.writerows(reports)
+    result = Result(metrics=reports[-1], checkpoint=None, error=None, path=str(tmp_path),
+                    metrics_dataframe=pd.json_normalize(kept, sep="/"))
+    df = trial_reports(result).sort_values("step")
+    assert df["training_iteration"].tolist() == [1, 2, 3, 4]
+    assert trial_cost(df.to_dict("records"), 1.0, 0.0, 2)["images"] == 384 == df["images_seen"].max()
+    (tmp_path / "progress.csv").unlink()   # without one: result.json's reports alone
+    assert trial_reports(result)["training_iteration"].tolist() == [1, 2, 4]
