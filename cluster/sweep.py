@@ -50,9 +50,10 @@ def trial_reports(r: tune.Result):
     """The trial's reports, one row each: Tune's `metrics_dataframe` (its result.json), plus any
     report that only the trial's progress.csv holds. When a paused trial resumes, Tune first
     copies each of its log files back from the storage (ray/tune/logger/logger.py
-    `_restore_from_remote`); a copy taken while the driver's upload of that file is still in flight
-    is one report short, and the next report is appended after the gap (seen in CI on 2026-12-08:
-    result.json without a trial's epoch-1 report, which its progress.csv kept)."""
+    `_restore_from_remote`), so a copy older than the local file (most likely one taken while the
+    driver's upload of it is still in flight) loses the reports after it, and the next report is
+    appended after the gap (seen once in CI, 2026-12-08: result.json without a resumed trial's
+    epoch-1 report, which its progress.csv kept)."""
     import pandas as pd
 
     df = r.metrics_dataframe
