@@ -10,7 +10,7 @@ Serve; Serve with `x-request-disconnect-disabled: ?1` and `x-request-timeout-sec
 two headers under which a direct-ingress replica awaits the app without its receive and
 request tasks (ray/serve/_private/replica.py `_direct_ingress_asgi`); and the peer
 (bench/plain_server.py). Reports req/s, p50 and the client's CPU ms per request, then one JSON line.
-Starts its own local Ray with the project's ingress (HAProxy + direct ingress) unless RAY_ADDRESS is set.
+Joins RAY_ADDRESS or a running local Ray, else starts one with the project's ingress (HAProxy + direct ingress).
 """
 
 from __future__ import annotations

@@ -603,7 +603,9 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             # a ratio of two runs minutes apart measured the drift as much as the servers.
             # Both before the soak and any live reconfigure: under HAProxy a reconfigure is followed by
             # a stall of seconds (docs/benchmarks.md), which a soak right after it would measure.
-            result["batching_on"], result["peer"] = [], []
+            result["batching_on"] = []
+            if peer:
+                result["peer"] = []
             for n in args.levels:
                 result["batching_on"].append(await measured(
                     closed_loop(client, payloads, n, args.level_seconds, args.max_requests),
@@ -676,8 +678,6 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         result["breakdown"]["plain server"] = breakdown(best, decode_ms, result["raw"], "server")
         peak_serve = max(r["throughput_rps"] for r in result["batching_on"])
         result["serve_over_peer_peak"] = round(peak_serve / max(best["throughput_rps"], 1e-9), 3)
-    else:
-        del result["peer"]
     console.print(breakdown_table(result["breakdown"]))
     return result
 

@@ -66,8 +66,9 @@ def trial_reports(r: tune.Result):
     if df is None or df.empty or key not in df or key not in logged:
         return df
     missing = logged[~logged[key].isin(df[key])]
-    return pd.concat([df, missing[[c for c in missing.columns if c in df.columns]]], ignore_index=True) \
-        if len(missing) else df
+    if missing.empty:
+        return df
+    return pd.concat([df, missing[[c for c in missing.columns if c in df.columns]]], ignore_index=True)
 
 
 def collect_trials(results: tune.ResultGrid, max_epochs: int,
